@@ -1,3 +1,100 @@
-"""Placeholder."""
+"""The `llmswarm` command: the root typer app, global options, and the one place errors become
+a single line and an exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from . import output
+
+app = typer.Typer(
+    name="llmswarm",
+    help="Run large language models across a swarm of volunteer GPUs and CPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+bench_app = typer.Typer(help="Measure speed: the swarm against a local run, one server, route solvers.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+# Exit codes scripts can rely on.
+EXIT_ERROR = 1  # anything we could not do, with the reason on stderr
+EXIT_USAGE = 2  # bad flags (typer's own code)
+EXIT_MODEL = 3  # unknown model, missing or unreadable checkpoint
+EXIT_NETWORK = 4  # no peers, no route, a peer failed
+EXIT_INTERRUPTED = 130
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", envvar="LLMSWARM_DEBUG", help="Show tracebacks."),
+) -> None:
+    if debug:
+        os.environ["LLMSWARM_DEBUG"] = "1"
+
+
+def _register() -> None:
+    from . import chat, models_cmd
+
+    app.command("chat")(chat.chat)
+    app.command("models")(models_cmd.models)
+    try:
+        from . import route
+    except ImportError:  # the route solver CLI is optional while it is being built
+        return
+    app.command("route")(route.route)
+    bench_app.command("route")(route.bench_route)
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    from llmswarm.models.errors import ModelError
+    from llmswarm.node.errors import NodeError
+    from llmswarm.routing.errors import RoutingError
+
+    if isinstance(exc, ModelError):
+        return EXIT_MODEL
+    if isinstance(exc, RoutingError | NodeError):
+        return EXIT_NETWORK
+    return None
+
+
 def main() -> None:
-    print("llmswarm")
+    _register()
+    try:
+        app(standalone_mode=False)
+    except KeyboardInterrupt:
+        output.err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the one place errors are translated for people
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(EXIT_INTERRUPTED)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        code = _exit_code(exc)
+        if os.environ.get("LLMSWARM_DEBUG") or code is None:
+            if code is None:
+                output.error_line(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)")
+                if not os.environ.get("LLMSWARM_DEBUG"):
+                    sys.exit(EXIT_ERROR)
+            import traceback
+
+            traceback.print_exception(exc)
+            sys.exit(code or EXIT_ERROR)
+        output.error_line(str(exc))
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

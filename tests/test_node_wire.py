@@ -1,0 +1,165 @@
+"""Wire format v1: round trips and every malformed input -> WireError."""
+
+import struct
+
+import pytest
+import torch
+import trio
+
+from llmswarm.node import config
+from llmswarm.node.errors import PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.wire import (
+    PREFIX,
+    FramedStream,
+    Frame,
+    MsgType,
+    decode_frame,
+    decode_tensor,
+    encode_frame,
+    encode_tensor,
+    error_frame,
+    parse_prefix,
+    raise_if_error,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_round_trip_each_dtype(dtype):
+    t = torch.randn(2, 3, 576).to(dtype)
+    meta, body = encode_tensor(t)
+    frame = decode_frame(bytearray(encode_frame(Frame(MsgType.STEP, {"hidden": meta, "pos": 7}, body))))
+    assert frame.type == MsgType.STEP and frame.header["pos"] == 7
+    out = decode_tensor(frame.header["hidden"], frame.body, expect_last_dim=576)
+    assert out.dtype == dtype and torch.equal(out, t)
+    assert torch.equal(decode_tensor(meta, bytes(body)), t)  # read-only bytes input works too
+
+
+def test_non_contiguous_and_1d():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()
+    meta, body = encode_tensor(t)
+    assert torch.equal(decode_tensor(meta, bytes(body)), t)
+    meta, body = encode_tensor(torch.ones(5, dtype=torch.float16))
+    assert meta == {"dtype": "float16", "shape": [5]}
+
+
+def test_encode_refuses_other_dtypes():
+    with pytest.raises(WireError):
+        encode_tensor(torch.ones(2, dtype=torch.int64))
+    with pytest.raises(WireError):
+        encode_tensor(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    "meta, nbytes",
+    [
+        ({"dtype": "float64", "shape": [2]}, 16),  # unknown dtype
+        ({"dtype": "float32", "shape": [2]}, 7),  # wrong body length
+        ({"dtype": "float32", "shape": [-2]}, 8),  # negative dim
+        ({"dtype": "float32", "shape": [0]}, 0),  # zero dim
+        ({"dtype": "float32", "shape": [2.0]}, 8),  # float dim
+        ({"dtype": "float32", "shape": [True]}, 4),  # bool dim
+        ({"dtype": "float32", "shape": [2**40, 2**40]}, 8),  # huge dims
+        ({"dtype": "float32", "shape": [1] * 9}, 4),  # rank too high
+        ({"dtype": "float32", "shape": []}, 4),  # rank 0
+        ({"dtype": "float32", "shape": "2"}, 8),  # not a list
+        ({"shape": [2]}, 8),  # no dtype
+        (["float32", [2]], 8),  # not an object
+    ],
+)
+def test_decode_tensor_rejects(meta, nbytes):
+    with pytest.raises(WireError):
+        decode_tensor(meta, bytes(nbytes))
+
+
+def test_decode_tensor_expect_last_dim():
+    meta, body = encode_tensor(torch.ones(1, 1, 8))
+    with pytest.raises(WireError, match="last dim"):
+        decode_tensor(meta, body, expect_last_dim=9)
+
+
+def _frame_bytes(**over):
+    f = dict(magic=b"LS", version=config.WIRE_VERSION, type=int(MsgType.PING), hlen=2, blen=3)
+    f.update(over)
+    return PREFIX.pack(f["magic"], f["version"], f["type"], f["hlen"], f["blen"]) + b"{}" + b"abc"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _frame_bytes(magic=b"XX"),
+        _frame_bytes(version=2),
+        _frame_bytes(type=200),
+        _frame_bytes(hlen=config.MAX_HEADER_BYTES + 1),
+        _frame_bytes(blen=config.MAX_FRAME_BODY_BYTES + 1),
+        _frame_bytes(blen=4),  # announced length differs from data
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # garbage
+        b"\x00" * 5,  # too short
+        PREFIX.pack(b"LS", 1, int(MsgType.PING), 3, 0) + b"\xff\xfe\x00",  # header not UTF-8 JSON
+        PREFIX.pack(b"LS", 1, int(MsgType.PING), 2, 0) + b"[]",  # header not an object
+    ],
+)
+def test_decode_frame_rejects(data):
+    with pytest.raises(WireError):
+        decode_frame(data)
+
+
+def test_encode_frame_refuses_oversized_header():
+    with pytest.raises(WireError):
+        encode_frame(Frame(MsgType.PING, {"x": "a" * (config.MAX_HEADER_BYTES + 1)}))
+
+
+def test_error_frame_raises_remote_error():
+    with pytest.raises(RemoteError) as info:
+        raise_if_error(decode_frame(encode_frame(error_frame("busy", "no cache left"))))
+    assert info.value.code == "busy" and "no cache left" in str(info.value)
+    pong = Frame(MsgType.PONG)
+    assert raise_if_error(pong) is pong
+
+
+class _FakeStream:
+    """A stream whose read(n) returns at most `chunk` bytes (like py-libp2p), then EOF or hangs."""
+
+    def __init__(self, data: bytes, chunk: int = 5, then: str = "eof"):
+        self.data, self.chunk, self.then, self.pos = data, chunk, then, 0
+        self.read_calls = 0
+
+    async def read(self, n):
+        self.read_calls += 1
+        if self.pos >= len(self.data):
+            if self.then == "hang":
+                await trio.sleep_forever()
+            return b""
+        out = self.data[self.pos : self.pos + min(n, self.chunk)]
+        self.pos += len(out)
+        return out
+
+
+def test_recv_reads_in_pieces_and_detects_truncation():
+    async def main():
+        meta, body = encode_tensor(torch.randn(1, 1, 16))
+        data = encode_frame(Frame(MsgType.OUTPUT, {"t": meta}, body))
+        s = FramedStream(_FakeStream(data + data, chunk=7))
+        for _ in range(2):
+            f = await s.recv(timeout_s=1)
+            assert f.type == MsgType.OUTPUT and decode_tensor(f.header["t"], f.body).shape == (1, 1, 16)
+        with pytest.raises(PeerClosed):  # clean end between frames
+            await s.recv(timeout_s=1)
+        with pytest.raises(PeerError, match="mid-message"):  # cut inside the body
+            await FramedStream(_FakeStream(data[:-3])).recv(timeout_s=1)
+        with pytest.raises(PeerError, match="mid-message"):  # cut inside the prefix
+            await FramedStream(_FakeStream(data[:5])).recv(timeout_s=1)
+        with pytest.raises(PeerError, match="within"):  # stalls
+            await FramedStream(_FakeStream(data[:20], then="hang")).recv(timeout_s=0.2)
+
+    trio.run(main)
+
+
+def test_recv_rejects_oversized_frame_without_reading_body():
+    async def main():
+        data = struct.pack(">2sBBII", b"LS", 1, int(MsgType.STEP), 2, config.MAX_FRAME_BODY_BYTES + 1) + b"{}"
+        fake = _FakeStream(data + b"x" * 1000, chunk=1 << 20)
+        with pytest.raises(WireError, match="exceeds"):
+            await FramedStream(fake).recv(timeout_s=1)
+        assert fake.pos == 12  # only the prefix was read
+
+    trio.run(main)
