@@ -138,6 +138,24 @@ def locate(spec: ModelSpec, progress: Progress = _noop, want: Callable[[Checkpoi
     return download_from_hub(spec.hub_id, progress, want)
 
 
+def _check_hub_reachable(repo_id: str, timeout_s: float = 3.0) -> None:
+    """huggingface_hub retries an unreachable host for ~25 s; one TCP connect answers in at most 3."""
+    import socket
+    from urllib.parse import urlparse
+
+    hint = "connect to the internet, or download the model and pass its local folder as --model PATH"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise CheckpointError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be fetched: {hint}")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout_s).close()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot reach the Hugging Face hub ({endpoint.hostname}: {e.strerror or e}) to fetch {repo_id}: {hint}"
+        ) from None
+
+
 HUB_SMALL_FILES = [
     "config.json",
     "generation_config.json",
@@ -158,6 +176,7 @@ def download_from_hub(
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
         raise CheckpointError("huggingface_hub is not installed: run ./install.sh again") from None
 
+    _check_hub_reachable(repo_id)
     local = cache_dir() / "hub"
 
     def fetch(filename: str, required: bool = True) -> Path | None:

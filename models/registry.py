@@ -63,6 +63,8 @@ def resolve(name_or_path: str) -> ModelSpec:
     if "/" in key and not key.startswith((".", "/", "~")) and key.count("/") == 1:
         # An unregistered hub repository: usable, sizes come from its config once fetched.
         return ModelSpec(key.split("/")[-1].lower(), key, "unknown", 0, 0, 0.0)
+    if key.startswith((".", "/", "~")) or key.endswith(".gguf") or key.count("/") > 1:
+        raise UnknownModelError(f"model path {key} does not exist: pass an existing folder or .gguf file")
     known = ", ".join(REGISTRY)
     raise UnknownModelError(
         f"unknown model {name_or_path!r}: use one of {known}, a hub id (org/name), or a local folder"

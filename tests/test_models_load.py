@@ -1,0 +1,103 @@
+"""Checkpoints: spans read only their own tensors; names and paths fail with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmswarm.models.checkpoint as checkpoint_mod
+from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.errors import CheckpointError, UnknownModelError
+from llmswarm.models.registry import REGISTRY, resolve
+from llmswarm.models.span import load_span
+
+
+class _SpyOpen:
+    """Records every tensor read through safe_open."""
+
+    def __init__(self, real):
+        self.real, self.read, self.files = real, [], set()
+
+    def __call__(self, path, *a, **k):
+        spy = self
+        self.files.add(path.rsplit("/", 1)[-1])
+        handle = self.real(path, *a, **k)
+
+        class Handle:
+            def __enter__(self):
+                self.h = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def get_tensor(self, key):
+                spy.read.append(key)
+                return self.h.get_tensor(key)
+
+        return Handle()
+
+
+@pytest.mark.parametrize("fixture,prefix", [("tiny_llama", "model.layers."), ("tiny_bloom", "transformer.h.")])
+def test_span_reads_only_its_blocks(request, monkeypatch, fixture, prefix):
+    from transformers import AutoModelForCausalLM
+
+    folder = request.getfixturevalue(fixture)
+    ckpt = Checkpoint.open(folder)
+    assert len(set(ckpt.weight_map.values())) > 2, "fixture should be sharded"
+    spy = _SpyOpen(checkpoint_mod.safe_open)
+    monkeypatch.setattr(checkpoint_mod, "safe_open", spy)
+
+    span = load_span(ckpt, 2, 4, torch.float32)
+
+    assert spy.read and all(k.startswith((f"{prefix}2.", f"{prefix}3.")) for k in spy.read)
+    assert spy.files == ckpt.files_for(spy.read)
+    # exactly those blocks' parameters, equal to the reference model's
+    ref = AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
+    ours = span.blocks.state_dict()
+    expected = {k: v for k, v in ref.items() if k.startswith((f"{prefix}2.", f"{prefix}3."))}
+    assert len(ours) == len(expected)
+    for key, value in expected.items():
+        rest = key[len(prefix):]
+        local = f"{int(rest.split('.')[0]) - 2}.{rest.split('.', 1)[1]}"
+        torch.testing.assert_close(ours[local], value, rtol=0, atol=0)
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(UnknownModelError) as e:
+        resolve("gpt-17")
+    assert "smollm2-135m" in str(e.value) and "bloom-176b" in str(e.value)
+
+
+def test_registry_has_the_names_users_type():
+    for name in ("bloom-176b", "bloom-560m", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2.5-7b",
+                 "smollm2-135m"):
+        assert name in REGISTRY
+    assert REGISTRY["bloom-176b"].hub_id == "bigscience/bloom" and REGISTRY["bloom-176b"].num_blocks == 70
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Checkpoint.open(tmp_path / "nope")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(CheckpointError):
+        Checkpoint.open(tmp_path)
+
+
+def test_span_outside_model_is_refused(tiny_llama):
+    with pytest.raises(CheckpointError, match="outside"):
+        load_span(Checkpoint.open(tiny_llama), 4, 9, torch.float32)
+
+
+def test_hub_unreachable_fails_fast(monkeypatch, tmp_path):
+    """Offline, a hub model fails in seconds with one line naming the fix."""
+    import time
+
+    from llmswarm.models.checkpoint import download_from_hub
+
+    monkeypatch.setenv("LLMSWARM_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="cannot reach the Hugging Face hub|not found"):
+        download_from_hub("bigscience/bloom-560m")
+    assert time.monotonic() - started < 60
