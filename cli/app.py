@@ -39,9 +39,11 @@ def _root(
 
 
 def _register() -> None:
-    from . import chat, models_cmd
+    from . import chat, join, models_cmd
 
     app.command("chat")(chat.chat)
+    app.command("join")(join.join)
+    app.command("bootstrap")(join.bootstrap)
     app.command("models")(models_cmd.models)
     try:
         from . import route
@@ -63,6 +65,15 @@ def _exit_code(exc: BaseException) -> int | None:
     return None
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """Trio nurseries wrap errors in exception groups: the person wants the error inside."""
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = list(exc.exceptions)
+        ours = [e for e in leaves if _exit_code(_unwrap(e)) is not None]
+        exc = (ours or leaves)[0]
+    return exc
+
+
 def main() -> None:
     _register()
     try:
@@ -75,6 +86,10 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - the one place errors are translated for people
         import click
 
+        exc = _unwrap(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            output.err.print("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
         if isinstance(exc, click.exceptions.Exit):
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .generate import GenerationResult, Sampler, Steps, generation_steps
 from .errors import CheckpointError
+from .generate import GenerationResult, Sampler, Steps, generation_steps
 
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
 

@@ -44,11 +44,22 @@ class SpanRange:
 
 
 class Span:
-    def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: nn.ModuleList, dtype: torch.dtype, device: str):
+    def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: nn.ModuleList, dtype: torch.dtype,
+                 device: str, context: object | None = None):
         self.cfg, self.start, self.end = cfg, start, end
         self.blocks = blocks
         self.dtype, self.device = dtype, device
-        self.context = family_of(cfg).Context(cfg, dtype, device)
+        self.context = context or family_of(cfg).Context(cfg, dtype, device)
+
+    def sub(self, start: int, end: int) -> Span:
+        """Blocks [start, end) (absolute indices) of this span, sharing its weights: a client may
+        enter a server's span in the middle, where the previous server's span ended."""
+        if not self.start <= start < end <= self.end:
+            raise CheckpointError(f"blocks {start}:{end} are not inside this span {self.start}:{self.end}")
+        if (start, end) == (self.start, self.end):
+            return self
+        blocks = nn.ModuleList(self.blocks[start - self.start : end - self.start])
+        return Span(self.cfg, start, end, blocks, self.dtype, self.device, self.context)
 
     @property
     def num_blocks(self) -> int:

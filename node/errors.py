@@ -19,3 +19,7 @@ class RemoteError(PeerError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class PeerClosed(PeerError):
+    """The peer ended the stream cleanly between frames (a normal end of a request loop)."""

@@ -45,7 +45,6 @@ def test_second_turn_with_cache_equals_fresh_run(smollm2):
     """Turn 2 fed incrementally on top of turn 1's cache gives the same reply as the whole
     conversation prefilled from scratch."""
     import torch
-
     from llmswarm.models.chat import ChatTurn, Conversation
     from llmswarm.models.generate import Sampler, Sampling, run_sync
     from llmswarm.models.local import load_client_model, load_local_chain

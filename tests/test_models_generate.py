@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from llmswarm.models.checkpoint import Checkpoint
 from llmswarm.models.generate import Sampler, Sampling, generation_steps, run_sync
 from llmswarm.models.local import load_local_chain

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import llmswarm.models.checkpoint as checkpoint_mod
 import pytest
 import torch
-
-import llmswarm.models.checkpoint as checkpoint_mod
 from llmswarm.models.checkpoint import Checkpoint
 from llmswarm.models.errors import CheckpointError, UnknownModelError
 from llmswarm.models.registry import REGISTRY, resolve

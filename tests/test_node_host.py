@@ -10,7 +10,6 @@ import time
 
 import pytest
 import trio
-
 from llmswarm.node import config
 from llmswarm.node.errors import PeerError, RemoteError
 from llmswarm.node.host import open_host, quiet_libp2p_logging
@@ -181,7 +180,9 @@ def test_plaintext_only_peer_is_refused(tmp_path):
     async def main():
         kp = create_new_key_pair()
         listen = Multiaddr("/ip4/127.0.0.1/tcp/0")
-        plain = new_host(key_pair=kp, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(kp)}, listen_addrs=[listen])
+        plain = new_host(
+            key_pair=kp, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(kp)}, listen_addrs=[listen]
+        )
         async with plain.run(listen_addrs=[listen]), open_host(tmp_path / "a.key") as a:
             plain_addr = str(plain.get_addrs()[0])
             with pytest.raises(PeerError):

@@ -7,7 +7,6 @@ import time
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
-
 from llmswarm.node.errors import WireError
 from llmswarm.node.identity import peer_id_of
 from llmswarm.node.records import RecordStore, ServerRecord, sign_record, verify_record
@@ -16,11 +15,19 @@ from llmswarm.node.records import RecordStore, ServerRecord, sign_record, verify
 def make(kp, **changes):
     pid = peer_id_of(kp)
     base = ServerRecord(
-        peer_id=pid, model="smollm2-135m", num_blocks=30, start=0, end=15,
-        addrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{pid}"], inference_rps=120.5, next_rtts={"x": 0.001},
-        health={"cpu": 0.5}, version="0.1.0", dtype="float32",
+        peer_id=pid,
+        model="smollm2-135m",
+        num_blocks=30,
+        start=0,
+        end=15,
+        addrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{pid}"],
+        inference_rps=120.5,
+        next_rtts={"x": 0.001},
+        health={"cpu": 0.5},
+        version="0.1.0",
+        dtype="float32",
     )
-    return base.stamped(60).__class__(**{**dataclasses.asdict(base.stamped(60)), **changes})
+    return dataclasses.replace(base.stamped(60), **changes)
 
 
 def test_round_trip():
@@ -58,7 +65,8 @@ def test_peer_id_must_match_signing_key():
     from llmswarm.node.records import DOMAIN
 
     env = {
-        "v": 1, "record": body.decode(),
+        "v": 1,
+        "record": body.decode(),
         "key": base64.b64encode(mallory.public_key.serialize()).decode(),
         "sig": base64.b64encode(mallory.private_key.sign(DOMAIN + body)).decode(),
     }
@@ -79,10 +87,21 @@ def test_expired_and_far_future_rejected():
 @pytest.mark.parametrize(
     "changes",
     [
-        {"start": 15, "end": 15}, {"end": 31}, {"start": -1}, {"num_blocks": 0}, {"start": True},
-        {"state": "weird"}, {"inference_rps": -1.0}, {"model": ""}, {"model": "m" * 1000},
-        {"addrs": ["a"] * 100}, {"addrs": "x"}, {"next_rtts": {"p": "fast"}}, {"health": {"x": "y" * 10000}},
-        {"sessions": 1.5}, {"seq": -5},
+        {"start": 15, "end": 15},
+        {"end": 31},
+        {"start": -1},
+        {"num_blocks": 0},
+        {"start": True},
+        {"state": "weird"},
+        {"inference_rps": -1.0},
+        {"model": ""},
+        {"model": "m" * 1000},
+        {"addrs": ["a"] * 100},
+        {"addrs": "x"},
+        {"next_rtts": {"p": "fast"}},
+        {"health": {"x": "y" * 10000}},
+        {"sessions": 1.5},
+        {"seq": -5},
     ],
 )
 def test_insane_fields_rejected(changes):
@@ -96,7 +115,14 @@ def test_insane_fields_rejected(changes):
 
 
 def test_garbage_rejected():
-    for data in (b"", b"not json", b"[]", b'{"v":2}', b'{"v":1,"record":"x","key":"!!","sig":"a"}', b"x" * 20000):
+    for data in (
+        b"",
+        b"not json",
+        b"[]",
+        b'{"v":2}',
+        b'{"v":1,"record":"x","key":"!!","sig":"a"}',
+        b"x" * 20000,
+    ):
         with pytest.raises(WireError):
             verify_record(data)
 

@@ -5,20 +5,18 @@ import struct
 import pytest
 import torch
 import trio
-
 from llmswarm.node import config
 from llmswarm.node.errors import PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.wire import (
     PREFIX,
-    FramedStream,
     Frame,
+    FramedStream,
     MsgType,
     decode_frame,
     decode_tensor,
     encode_frame,
     encode_tensor,
     error_frame,
-    parse_prefix,
     raise_if_error,
 )
 

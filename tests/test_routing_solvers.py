@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
-
 from llmswarm.routing import NoRouteError, ServerInfo, Snapshot, solve
 from llmswarm.routing.exact import exact_front, label_front
 from llmswarm.routing.graph import HOP_OVERHEAD_S, ChainGraph
@@ -157,7 +155,7 @@ def test_mid_span_entry_only_where_previous_span_ends():
 def test_excluded_servers_never_appear():
     snap = simulate_swarm(150, 30, 5)
     full = {s.peer_id for s in snap.servers if s.cache_tokens_left == 0}
-    low = {s.peer_id for s in snap.servers if s.cache_tokens_left is not None and s.cache_tokens_left < 50_000}
+    low = {s.peer_id for s in snap.servers if (s.cache_tokens_left or 10**9) < 50_000}
     best = solve(snap, "exact", prefer="latency").chosen
     banned = {best.chain[0].peer_id}
     assert full  # the simulator fills some caches
@@ -179,16 +177,9 @@ def test_no_route_when_blocks_uncovered():
         solve(Snapshot(num_blocks=10, servers=servers[:1]), "dijkstra", banned={"a"})
 
 
-def test_dead_end_servers_are_pruned_so_every_genome_is_valid():
-    # "x" ends at 7 where nobody continues: it must not be offered to the genome
-    servers = [ServerInfo("a", 0, 5, 10.0, 10.0), ServerInfo("x", 2, 7, 90.0, 90.0),
-               ServerInfo("b", 5, 7, 10.0, 10.0), ServerInfo("c", 5, 10, 10.0, 10.0)]
+def test_unreachable_servers_are_pruned_so_every_genome_is_valid():
+    # no chain can enter "x" (nobody's span ends inside [2, 5)), nor "b" (entered only after x)
+    servers = [ServerInfo("a", 0, 10, 10.0, 10.0), ServerInfo("x", 2, 5, 90.0, 90.0),
+               ServerInfo("b", 5, 10, 10.0, 10.0)]
     g = ChainGraph(Snapshot(num_blocks=10, servers=servers))
-    assert {s.peer_id for s in g.servers} == {"a", "c"}
-
-
-def test_small_exhaustive_chain_count():
-    snap = random_swarm(1, n=5, L=6)
-    chains = brute_force(snap)
-    assert len({tuple(c) for _, _, c in chains}) == len(chains)
-    assert all(itertools.pairwise([0]) is not None for _ in chains)
+    assert {s.peer_id for s in g.servers} == {"a"}

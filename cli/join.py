@@ -1,0 +1,111 @@
+"""`llmswarm join` and `llmswarm bootstrap`: serve blocks of a model, or help peers meet."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from . import output
+
+
+def _parse_blocks(blocks: str | None) -> tuple[int, int] | None:
+    if blocks is None:
+        return None
+    try:
+        a, b = (int(x) for x in blocks.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"{blocks!r} is not START:END (e.g. 0:10)", param_hint="--blocks") from None
+    if not 0 <= a < b:
+        raise typer.BadParameter(f"{blocks!r}: need 0 <= START < END", param_hint="--blocks")
+    return a, b
+
+
+def join(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or folder."),
+    blocks: str = typer.Option(None, "--blocks", help="Serve blocks START:END (end exclusive)."),
+    num_blocks: int = typer.Option(None, "--num-blocks", min=1, help="Serve N blocks where the swarm is weakest."),
+    peers: list[str] = typer.Option([], "--peers", envvar="LLMSWARM_PEERS", help="Bootstrap multiaddrs."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="TCP port (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for other machines)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16"),
+    public_name: str = typer.Option("", "--public-name", help="Name shown to others in routes and status."),
+    max_sessions: int = typer.Option(16, "--max-sessions", min=1, help="Concurrent sessions admitted."),
+    cache_tokens: int = typer.Option(32768, "--cache-tokens", min=16, help="KV-cache budget in tokens."),
+    announce_period: float = typer.Option(30.0, "--announce-period", min=0.2, help="Seconds between announcements."),
+    identity: str = typer.Option(None, "--identity", help="Key file (default: the user's data dir)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the ready record as JSON on stdout."),
+) -> None:
+    """Serve a span of a model's blocks to the swarm until Ctrl-C."""
+    import trio
+    from llmswarm.cli.chat import _check_device, _split_peers
+    from llmswarm.node.host import quiet_libp2p_logging
+    from llmswarm.node.serve import ServeOptions, serve
+
+    _check_device(device)
+    if blocks is not None and num_blocks is not None:
+        raise typer.BadParameter("give --blocks or --num-blocks, not both")
+    quiet_libp2p_logging()
+    opts = ServeOptions(model=model, blocks=_parse_blocks(blocks), num_blocks=num_blocks, peers=_split_peers(peers),
+                        port=port, listen_host=host, device=device, dtype=dtype, public_name=public_name,
+                        max_sessions=max_sessions, cache_tokens=cache_tokens, announce_period_s=announce_period,
+                        identity=identity)
+    with output.progress(True) as report:
+        trio.run(serve, opts, _JoinEvents(report, json_out))
+
+
+class _JoinEvents:
+    def __init__(self, report: Any, json_out: bool) -> None:
+        self.report, self.json_out = report, json_out
+        self.live = sys.stderr.isatty()
+
+    def progress(self, task: str, done: float, total: float | None) -> None:
+        self.report(task, done, total)
+
+    def ready(self, info: dict) -> None:
+        if self.json_out:
+            output.print_json(info)
+        output.err.print(f"[green]serving[/green] {info['model']} blocks {info['start']}:{info['end']} "
+                         f"({info['dtype']}, {info['throughput']:.1f} tokens/s) as {info['addrs'][0]} "
+                         f"- announced {info['seconds_to_announce']:.1f} s after start")
+
+    def status(self, info: dict) -> None:
+        if self.live:
+            output.err.print(f"\r[dim]sessions {info['sessions']}  tokens served {info['tokens_served']}  "
+                             f"{info['steps_per_s']:.1f} steps/s  cache left {info['cache_tokens_left']}[/dim]",
+                             end="")
+
+    def stopping(self) -> None:
+        output.err.print("\nleaving the swarm (announcing offline)")
+
+
+def bootstrap(
+    port: int = typer.Option(31330, "--port", min=0, max=65535, help="TCP port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for other machines)."),
+    peers: list[str] = typer.Option([], "--peers", envvar="LLMSWARM_PEERS", help="Other bootstrap peers."),
+    identity: str = typer.Option(None, "--identity", help="Key file (default: the user's data dir)."),
+) -> None:
+    """Run a node that only helps others meet; prints its multiaddr on the first line."""
+    import trio
+    from llmswarm.cli.chat import _split_peers
+    from llmswarm.node.bootstrap import run_bootstrap
+    from llmswarm.node.host import quiet_libp2p_logging
+
+    quiet_libp2p_logging()
+
+    async def main() -> None:
+        import signal
+
+        async with trio.open_nursery() as nursery:
+            addr = await nursery.start(lambda task_status: run_bootstrap(
+                port, identity, task_status, listen_host=host, peers=_split_peers(peers)))
+            output.console.print(addr, soft_wrap=True)
+            output.err.print("bootstrap peer running: give the line above to `join` and `chat` as --peers; Ctrl-C stops")
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

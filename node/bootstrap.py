@@ -1,0 +1,29 @@
+"""A bootstrap peer: a host that stores and serves every model's records (RECORDS_GET, RECORD_PUT)
+and relays their gossip. Servers and clients dial it first; it never runs a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import config
+from .directory import open_directory
+from .host import open_host
+
+
+async def run_bootstrap(
+    port: int = config.DEFAULT_PORT,
+    identity_path: str | Path | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+    *,
+    listen_host: str = config.DEFAULT_LISTEN_HOST,
+    peers: list[str] | None = None,
+) -> None:
+    """Serve until cancelled. Reports the full multiaddr (…/p2p/<id>) via task_status.started.
+    `peers`: other bootstrap peers to exchange snapshots with (a small replicated registry)."""
+    async with open_host(identity_path, port=port, listen_host=listen_host) as host:
+        async with open_directory(host, peers or [], models=None):
+            task_status.started(host.addrs[0])
+            await trio.sleep_forever()

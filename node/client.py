@@ -1,0 +1,116 @@
+"""The swarm client: find the servers of a model, choose a chain, open a session, chat through it.
+
+Runs in one trio thread: the host, the directory, and the generation loop (whose embedding and head
+run inline: nothing else on this loop needs to run while they compute, and a second thread would
+only add a hand-off and GIL contention to every token).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from llmswarm.models.chat import ChatTurn, Conversation
+from llmswarm.models.generate import GenerationResult, Sampler, Sampling, Steps
+from llmswarm.models.local import ClientModel, load_client_model
+from llmswarm.models.registry import resolve
+from llmswarm.models.span import parse_dtype
+from llmswarm.routing import NoRouteError, SolveResult, solve
+
+from . import config
+from .directory import Directory, open_directory
+from .errors import NodeError
+from .host import Host, ephemeral_host
+from .session import open_session
+from .snapshot import coverage_gaps, dial_records, live_records, measure_rtts, to_snapshot
+
+CHAT_SOLVE_BUDGET_S = 0.3  # NSGA-II time budget when a chat picks its route
+
+
+async def drive(steps: Steps, step: Callable[..., Any]) -> GenerationResult:
+    """Drive the sans-IO generation loop with an async block runner."""
+    try:
+        hidden, position = next(steps)
+        while True:
+            hidden, position = steps.send(await step(hidden, position))
+    except StopIteration as done:
+        return done.value
+
+
+async def wait_for_coverage(directory: Directory, model: str, num_blocks: int,
+                            timeout_s: float = config.COVERAGE_WAIT_S) -> list:
+    """Live records of `model` once they cover every block; NoRouteError naming the gap otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = live_records(directory.records(model), model)
+        gaps = coverage_gaps(records, num_blocks)
+        if records and not gaps:
+            return records
+        if time.monotonic() > deadline:
+            where = ", ".join(f"{a}:{b}" for a, b in gaps) if records else f"0:{num_blocks}"
+            raise NoRouteError(f"no server of {model} covers blocks {where} (waited {timeout_s:g} s): "
+                               f"start one with `llmswarm join --model {model} --blocks {where.split(',')[0]}`")
+        await trio.sleep(0.25)
+        await directory.refresh()
+
+
+async def plan_route(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
+                     max_length: int, banned: frozenset[str] = frozenset()) -> tuple[SolveResult, dict[str, str]]:
+    name, num_blocks = model.spec.name, model.cfg.num_blocks
+    records = await wait_for_coverage(directory, name, num_blocks)
+    await dial_records(host, records)
+    rtts = await measure_rtts(host, [r.peer_id for r in records])
+    snapshot = to_snapshot(records, name, num_blocks, rtts)
+    result = solve(snapshot, solver=solver, prefer=prefer, seed=0, banned=banned, need_cache_tokens=max_length,
+                   time_budget_s=CHAT_SOLVE_BUDGET_S)
+    names = {r.peer_id: r.public_name or r.peer_id[-8:] for r in records}
+    return result, names
+
+
+def route_lines(result: SolveResult, names: dict[str, str]) -> list[str]:
+    chain = " -> ".join(f"{names.get(h.peer_id, h.peer_id[-8:])} [{h.start}:{h.end})" for h in result.chosen.chain)
+    return [f"route: {chain}",
+            f"  {result.chosen.latency_s * 1000:.1f} ms/step estimated, {result.solver}: {result.reason}"]
+
+
+def run_chat(opts: Any, ask: Callable[[], str | None], render: Any, progress: Callable) -> None:
+    """`llmswarm chat` without --local. `opts` is cli.chat.ChatOptions."""
+    if not opts.peers:
+        raise NodeError("no peers to join: pass --peers MULTIADDR (printed by `llmswarm bootstrap`), "
+                        "set LLMSWARM_PEERS, or use --local")
+    spec = resolve(opts.model)
+    dtype = parse_dtype(opts.dtype, opts.device)
+    with progress(not opts.json_out) as report:
+        model = load_client_model(spec, dtype, opts.device, report)
+    trio.run(_chat, opts, model, ask, render)
+
+
+async def _chat(opts: Any, model: ClientModel, ask: Callable[[], str | None], render: Any) -> None:
+    from .host import quiet_libp2p_logging
+
+    quiet_libp2p_logging()
+    async with ephemeral_host() as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
+        result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length)
+        if opts.show_route:
+            render.route(route_lines(result, names))
+        chain = result.chosen.chain
+        async with open_session(host, chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
+                                model.dtype) as session:
+            sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
+            conv = Conversation(model.tokenizer, opts.system)
+            while (text := await _next_turn(opts, ask)) is not None:
+                turn = ChatTurn(model, conv, text, opts.max_new_tokens, sampler, render.text)
+                render.done(turn.finish(await drive(turn.steps, session.step)))
+                if opts.prompt is not None:
+                    break
+
+
+async def _next_turn(opts: Any, ask: Callable[[], str | None]) -> str | None:
+    if opts.prompt is not None:
+        return opts.prompt
+    while True:
+        text = await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
+        if text is None or text.strip():
+            return text

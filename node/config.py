@@ -1,0 +1,94 @@
+"""Every default, limit, timeout and period of llmswarm.node, in one place, with units in the names.
+
+Other modules import these names; nothing else in node/ hard-codes a number that a person may want
+to tune. Times are seconds (`_S`), sizes bytes (`_BYTES`) unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------------
+# Protocol ids (libp2p multistream names). Bump the version suffix when the wire format changes.
+# --------------------------------------------------------------------------------------------------
+PROTOCOL_PING = "/llmswarm/ping/1"
+PROTOCOL_RECORDS = "/llmswarm/records/1"  # RECORDS_GET -> RECORDS, RECORD_PUT -> ACK
+PROTOCOL_INFERENCE = "/llmswarm/inference/1"  # reserved for node/server.py and node/session.py
+GOSSIP_PROTOCOL = "/meshsub/1.0.0"
+
+# --------------------------------------------------------------------------------------------------
+# Host and identity
+# --------------------------------------------------------------------------------------------------
+DEFAULT_PORT = 31330  # TCP port a server or bootstrap peer listens on when the user gives none
+DEFAULT_LISTEN_HOST = "127.0.0.1"  # servers meant for other machines pass "0.0.0.0"
+IDENTITY_DIR_NAME = "llmswarm"
+IDENTITY_FILE_NAME = "identity.key"
+MAX_CONNECTIONS_PER_PEER = 1  # 1 skips the swarm's 250 ms happy-eyeballs wait (trap 9)
+
+
+def default_identity_path() -> Path:
+    """`$XDG_DATA_HOME/llmswarm/identity.key`, or `~/.local/share/llmswarm/identity.key`."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / IDENTITY_DIR_NAME / IDENTITY_FILE_NAME
+
+
+# --------------------------------------------------------------------------------------------------
+# Timeouts (seconds). Every network wait of node/ is bounded by one of these (trap 4, trap 8).
+# --------------------------------------------------------------------------------------------------
+DIAL_TIMEOUT_S = 5.0  # TCP connect + Noise + yamux negotiation of one dial
+STREAM_OPEN_TIMEOUT_S = 3.0  # new_stream incl. multistream protocol negotiation
+READ_TIMEOUT_S = 10.0  # default bound on receiving one whole frame
+WRITE_TIMEOUT_S = 10.0  # bound on sending one frame (a peer that stops reading blocks writes)
+REQUEST_TIMEOUT_S = 10.0  # one small request/response (records, ping)
+STEP_TIMEOUT_S = 30.0  # one inference step on a server, network included
+HANDLER_TIMEOUT_S = 60.0  # total life of one short request handler (not inference sessions)
+PING_TIMEOUT_S = 2.0  # one PING -> PONG round trip
+CLOSE_TIMEOUT_S = 1.0  # graceful close of a stream before it is reset instead
+HOST_CLOSE_TIMEOUT_S = 3.0  # closing all connections and listeners of a host on exit
+SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no step for this long is closed by the server
+
+# --------------------------------------------------------------------------------------------------
+# Wire format (node/wire.py)
+# --------------------------------------------------------------------------------------------------
+WIRE_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024  # JSON header of one frame
+MAX_FRAME_BODY_BYTES = 256 * 1024 * 1024  # raw body of one frame (a long prefill of a wide model)
+MAX_TENSOR_RANK = 8
+MAX_TENSOR_ELEMS = MAX_FRAME_BODY_BYTES // 2  # bfloat16 elements that fit in one body
+MAX_RECORDS_BODY_BYTES = 16 * 1024 * 1024  # one RECORDS snapshot
+
+# --------------------------------------------------------------------------------------------------
+# Announcements and the directory (node/records.py, node/directory.py)
+# --------------------------------------------------------------------------------------------------
+ANNOUNCE_PERIOD_S = 30.0  # a server re-publishes its record this often
+RECORD_TTL_FACTOR = 2.5  # a record expires RECORD_TTL_FACTOR * ANNOUNCE_PERIOD_S after signing
+MAX_RECORD_BYTES = 16 * 1024  # one signed envelope
+MAX_RECORD_CLOCK_SKEW_S = 300.0  # reject records claiming to expire further ahead than TTL + this
+MAX_RECORD_TTL_S = 3600.0  # a record may not claim to live longer than this after now
+MAX_RECORD_STRING_CHARS = 256  # model, public_name, version, dtype, each addr
+MAX_RECORD_ADDRS = 16
+MAX_RECORD_NEXT_RTTS = 256
+MAX_RECORD_HEALTH_BYTES = 4096  # canonical JSON of the free-form health dict
+MAX_RECORDS_PER_MODEL = 10_000  # RecordStore bound per model (memory safety against floods)
+MAX_RECORD_BLOCKS = 100_000  # num_blocks upper bound a record may claim
+SNAPSHOT_PULL_PERIOD_S = 30.0  # directory re-pulls snapshots from bootstrap peers this often
+BOOTSTRAP_RECONNECT_PERIOD_S = 10.0  # directory re-dials lost bootstrap peers this often
+GOSSIP_TOPIC_PREFIX = "llmswarm/records/1/"  # one topic per model: prefix + model name
+GOSSIP_DEGREE = 6  # mesh degree D (D_low = D - 2, D_high = D + 4)
+GOSSIP_HEARTBEAT_INTERVAL_S = 1  # gossipsub heartbeat (int seconds in py-libp2p 0.8.1)
+GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_S = 10_000.0  # default 10 silently drops the rest (trap 6)
+
+# --------------------------------------------------------------------------------------------------
+# Server and client session settings (owned by node/server.py and node/session.py).
+# --------------------------------------------------------------------------------------------------
+MAX_SESSION_LENGTH = 8192  # most tokens one inference session may hold (prompt + answer)
+DEFAULT_SESSION_LENGTH = 2048  # what `chat` asks for unless --max-length says otherwise
+DEFAULT_MAX_SESSIONS = 16  # concurrent sessions one server admits
+DEFAULT_CACHE_TOKENS = 32768  # KV-cache budget of one server, in tokens (summed over sessions)
+MAX_STEP_TOKENS = 8192  # new tokens in one STEP (a prefill)
+STATUS_PERIOD_S = 1.0  # how often `join` refreshes its live status line
+NEXT_HOP_PING_COUNT = 3  # PINGs per next-hop server when measuring RTTs for our record
+CLIENT_PING_COUNT = 3  # PINGs per candidate server before a client routes
+COVERAGE_WAIT_S = 20.0  # how long `chat` waits for the swarm to cover every block
+BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each further failure

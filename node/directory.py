@@ -1,0 +1,336 @@
+"""The directory: how signed server records (node/records.py) spread through the swarm.
+
+Three paths, every record verified by RecordStore.add whichever way it came:
+  1. RECORD_PUT: a server sends each new record straight to the bootstrap peers it is connected
+     to, which store it. Bootstrap peers are therefore a reliable registry even when gossip drops a
+     message (py-libp2p 0.8.1 gossipsub is young; its default rate limit of 10 msg/s per topic
+     silently drops the rest, trap 6, which we raise).
+  2. RECORDS_GET -> RECORDS: a snapshot pull from the bootstrap peers, on join, every
+     SNAPSHOT_PULL_PERIOD_S, and on demand (`refresh()`). Paths 1+2 carry correctness: a record
+     reaches a client at most one pull period after its server announced it.
+  3. gossipsub, one topic per model: live pushes that make updates (a server going offline, a new
+     server) visible in milliseconds. An accelerator only; topic validators verify records before
+     they are relayed, so a forged record dies at the first honest hop.
+
+Why not the Kademlia DHT of py-libp2p (trap 5): no per-record TTL (fixed 24 h), one value per key
+(petals needs one value per server under each block), reads that return a stale local copy first,
+and peers that disagree on overwrites. Our records carry their own expiry and seq, so the
+transport only has to deliver bytes; any path may duplicate, reorder or delay them.
+
+Scale: a record is ~1 KB. Thousands of servers re-announcing every 30 s is ~100 records/s in all;
+with dozens of models the per-model topics mean a client subscribes only to the model it runs and
+sees a few records/s. Bootstrap peers hold everything (a few MB) and answer snapshots filtered by
+model. Beyond that, shard bootstrap peers by model (each serves a set of topics); the record
+format does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import config
+from .errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
+from .host import Host
+from .records import RecordStore, ServerRecord, sign_record
+from .wire import Frame, FramedStream, MsgType
+
+log = logging.getLogger(__name__)
+
+
+def topic_of(model: str) -> str:
+    return config.GOSSIP_TOPIC_PREFIX + model
+
+
+def pack_envelopes(envelopes: Sequence[bytes]) -> tuple[dict[str, Any], bytes]:
+    return {"lengths": [len(e) for e in envelopes]}, b"".join(envelopes)
+
+
+def unpack_envelopes(frame: Frame) -> list[bytes]:
+    lengths = frame.header.get("lengths")
+    if not isinstance(lengths, list) or not all(
+        type(n) is int and 0 < n <= config.MAX_RECORD_BYTES for n in lengths
+    ):
+        raise WireError("RECORDS frame needs a list of record lengths")
+    if sum(lengths) != len(frame.body):
+        raise WireError("RECORDS frame lengths do not add up to its body")
+    out, pos = [], 0
+    for n in lengths:
+        out.append(bytes(frame.body[pos : pos + n]))
+        pos += n
+    return out
+
+
+class Directory:
+    """A RecordStore fed by gossip, snapshots and direct puts. Build with `open_directory`."""
+
+    def __init__(self, host: Host, bootstrap_addrs: Sequence[str], models: Sequence[str] | None) -> None:
+        self.host = host
+        self.bootstrap_addrs = list(bootstrap_addrs)
+        self.models = list(models) if models is not None else None  # None: every model (bootstrap)
+        self.store = RecordStore()
+        self.pubsub: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._subscribed: set[str] = set()
+        self._bootstrap_ids: dict[str, str] = {}  # addr -> peer id once dialed
+
+    # -- reading -----------------------------------------------------------------------------------
+    def records(self, model: str | None = None) -> list[ServerRecord]:
+        return self.store.records(model)
+
+    def _accept(self, data: bytes, source: str) -> bool:
+        try:
+            record = self.store.put(data)
+        except WireError as e:
+            log.debug("dropped a record from %s: %s", source, e)
+            return False
+        if record is not None and self.models is None:
+            self._follow(record.model)
+        return record is not None
+
+    def _follow(self, model: str) -> None:
+        """Bootstrap peers (models=None) join the topic of every model they learn of, to relay it."""
+        if self._nursery is not None and model not in self._subscribed:
+            self._nursery.start_soon(self._subscribe, model)
+
+    # -- pulling snapshots -------------------------------------------------------------------------
+    async def refresh(self, *, timeout_s: float = config.REQUEST_TIMEOUT_S) -> int:
+        """Pull snapshots from every bootstrap peer at once; returns how many records were new."""
+        counts: list[int] = []
+
+        async def pull(addr: str) -> None:
+            try:
+                counts.append(await self._pull_one(addr, timeout_s))
+            except NodeError as e:
+                log.info("snapshot from %s failed: %s", addr, e)
+
+        async with trio.open_nursery() as nursery:
+            for addr in self.bootstrap_addrs:
+                nursery.start_soon(pull, addr)
+        return sum(counts)
+
+    async def _pull_one(self, addr: str, timeout_s: float) -> int:
+        with trio.fail_after(timeout_s * 2):  # dial + request, each bounded below as well
+            peer_id = await self._ensure_connected(addr)
+            stream = await self.host.open_stream(peer_id, config.PROTOCOL_RECORDS)
+            try:
+                new = 0
+                for model in self.models if self.models is not None else [None]:
+                    reply = await stream.request(
+                        Frame(MsgType.RECORDS_GET, {"model": model}), timeout_s=timeout_s
+                    )
+                    if reply.type != MsgType.RECORDS:
+                        raise PeerError(f"bootstrap {addr} answered RECORDS_GET with {reply.type.name}")
+                    new += sum(self._accept(e, "snapshot") for e in unpack_envelopes(reply))
+            except BaseException:
+                await stream.reset()
+                raise
+            await stream.close()
+            return new
+
+    async def _ensure_connected(self, addr: str) -> str:
+        peer_id = self._bootstrap_ids.get(addr)
+        if peer_id is None or peer_id not in self.host.connected_peers():
+            peer_id = await self.host.connect(addr)
+            self._bootstrap_ids[addr] = peer_id
+        return peer_id
+
+    # -- publishing --------------------------------------------------------------------------------
+    async def publish(self, data: bytes, *, timeout_s: float = config.REQUEST_TIMEOUT_S) -> None:
+        """Store our own signed record, put it to every bootstrap peer, and gossip it."""
+        record = self.store.put(data)
+        if record is None:
+            raise NodeError("record not newer than the one already published: stamp it with a new seq")
+        async with trio.open_nursery() as nursery:
+            for addr in self.bootstrap_addrs:
+                nursery.start_soon(self._put_one, addr, data, timeout_s)
+            nursery.start_soon(self._gossip, record.model, data)
+
+    async def _put_one(self, addr: str, data: bytes, timeout_s: float) -> None:
+        try:
+            with trio.fail_after(timeout_s * 2):
+                peer_id = await self._ensure_connected(addr)
+                stream = await self.host.open_stream(peer_id, config.PROTOCOL_RECORDS)
+                try:
+                    await stream.request(Frame(MsgType.RECORD_PUT, {}, data), timeout_s=timeout_s)
+                except BaseException:
+                    await stream.reset()
+                    raise
+                await stream.close()
+        except (NodeError, trio.TooSlowError) as e:
+            log.info("putting our record to %s failed: %s", addr, e)
+
+    async def _gossip(self, model: str, data: bytes) -> None:
+        if self.pubsub is None:
+            return
+        try:
+            with trio.fail_after(config.REQUEST_TIMEOUT_S):
+                await self.pubsub.publish(topic_of(model), data)
+        except Exception as e:  # gossip is best effort: puts and snapshots carry correctness
+            log.info("gossiping a record failed: %s", e)
+
+    # -- serving -----------------------------------------------------------------------------------
+    async def handle_records(self, stream: FramedStream) -> None:
+        """RECORDS_GET {"model": str|null} -> RECORDS; RECORD_PUT body=envelope -> ACK {"added"}."""
+        while True:
+            try:
+                frame = await stream.recv(timeout_s=config.READ_TIMEOUT_S)
+            except PeerClosed:
+                return
+            if frame.type == MsgType.RECORDS_GET:
+                model = frame.header.get("model")
+                if model is not None and not isinstance(model, str):
+                    raise RemoteError("bad_request", "model must be a string or null")
+                header, body = pack_envelopes(self.store.envelopes(model))
+                await stream.send(Frame(MsgType.RECORDS, header, body))
+            elif frame.type == MsgType.RECORD_PUT:
+                data = bytes(frame.body)
+                try:
+                    record = self.store.put(data)
+                except WireError as e:
+                    raise RemoteError("bad_record", str(e)) from None
+                if record is not None and self._nursery is not None:
+                    # relay a fresh put into gossip, so subscribers get it pushed
+                    self._follow(record.model)
+                    self._nursery.start_soon(self._gossip, record.model, data)
+                await stream.send(Frame(MsgType.ACK, {"added": record is not None}))
+            else:
+                raise RemoteError("bad_request", f"unexpected {frame.type.name} on the records protocol")
+
+    # -- gossip ------------------------------------------------------------------------------------
+    async def _subscribe(self, model: str) -> None:
+        if self.pubsub is None or model in self._subscribed or self._nursery is None:
+            return
+        self._subscribed.add(model)
+        topic = topic_of(model)
+
+        def valid(_peer: Any, msg: Any) -> bool:  # drop forged records before relaying them
+            try:
+                self.store.add(bytes(msg.data))  # verifies; also stores when newer
+                return True
+            except WireError:
+                return False
+
+        self.pubsub.set_topic_validator(topic, valid, False)
+        try:
+            sub = await self.pubsub.subscribe(topic)
+        except Exception as e:
+            log.info("gossip subscribe to %s failed: %s", topic, e)
+            return
+        self._nursery.start_soon(self._receive, sub)
+
+    async def _receive(self, sub: Any) -> None:
+        while True:
+            msg = await sub.get()
+            self._accept(bytes(msg.data), "gossip")
+
+    async def _pull_forever(self, period_s: float) -> None:
+        while True:
+            await trio.sleep(period_s)
+            await self.refresh()
+
+
+def _make_gossipsub(host: Host) -> tuple[Any, Any]:
+    from libp2p.custom_types import TProtocol
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+
+    d = config.GOSSIP_DEGREE
+    router = GossipSub(
+        protocols=[TProtocol(config.GOSSIP_PROTOCOL)],
+        degree=d,
+        degree_low=max(1, d - 2),
+        degree_high=d + 4,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=config.GOSSIP_HEARTBEAT_INTERVAL_S,
+        max_messages_per_topic_per_second=config.GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_S,  # trap 6
+        eclipse_protection_enabled=False,  # needs >= 3 distinct IPs in a mesh: small swarms have fewer
+    )
+    return Pubsub(host.libp2p, router), router
+
+
+@asynccontextmanager
+async def open_directory(
+    host: Host,
+    bootstrap_addrs: Sequence[str] = (),
+    models: Sequence[str] | None = None,
+    *,
+    gossip: bool = True,
+    snapshot_period_s: float = config.SNAPSHOT_PULL_PERIOD_S,
+) -> AsyncIterator[Directory]:
+    """Serve and follow the directory on `host`. `models=None` follows every model (bootstrap
+    peers); clients and servers pass the model(s) they use. The first snapshot pull is done
+    before the block starts (failures are logged: `refresh()` again, or wait for the next pull)."""
+    from libp2p.tools.anyio_service import background_trio_service
+
+    d = Directory(host, bootstrap_addrs, models)
+    host.set_handler(config.PROTOCOL_RECORDS, d.handle_records)
+    async with trio.open_nursery() as nursery:
+        d._nursery = nursery
+        async with _maybe_gossip(d, gossip, background_trio_service):
+            for model in d.models or []:
+                await d._subscribe(model)
+            await d.refresh()
+            nursery.start_soon(d._pull_forever, snapshot_period_s)
+            try:
+                yield d
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _maybe_gossip(d: Directory, enabled: bool, service: Callable[..., Any]) -> AsyncIterator[None]:
+    if not enabled:
+        yield
+        return
+    pubsub, router = _make_gossipsub(d.host)
+    async with service(pubsub), service(router):
+        with trio.fail_after(config.REQUEST_TIMEOUT_S):
+            await pubsub.wait_until_ready()
+        d.pubsub = pubsub
+        try:
+            yield
+        finally:
+            d.pubsub = None
+
+
+async def announce_forever(
+    d: Directory,
+    make_record: Callable[[], ServerRecord],
+    private_key: Any,
+    period_s: float = config.ANNOUNCE_PERIOD_S,
+    ttl_s: float | None = None,
+) -> None:
+    """Publish a fresh record every `period_s` until cancelled; then publish it once more with
+    state "offline" (shielded, bounded) so clients stop routing to us at once."""
+    ttl_s = period_s * config.RECORD_TTL_FACTOR if ttl_s is None else ttl_s
+    last: ServerRecord | None = None
+    try:
+        while True:
+            last = make_record().stamped(ttl_s)
+            try:
+                await d.publish(sign_record(last, private_key))
+            except NodeError as e:
+                log.warning("announcing failed: %s", e)
+            await trio.sleep(period_s)
+    finally:
+        if last is not None:
+            with trio.move_on_after(config.REQUEST_TIMEOUT_S) as scope:
+                scope.shield = True
+                offline = last.stamped(ttl_s, state="offline")
+                try:
+                    await d.publish(sign_record(offline, private_key))
+                except NodeError as e:
+                    log.warning("announcing offline failed: %s", e)
+
+
+def is_live(record: ServerRecord, now: float | None = None) -> bool:
+    """Online and not expired: what routing should consider."""
+    now = time.time() if now is None else now
+    return record.state == "online" and record.expires_at > now and not math.isnan(record.expires_at)

@@ -1,0 +1,266 @@
+"""The one py-libp2p host of a process: TCP, Noise only, yamux, persistent identity, bounded waits.
+
+py-libp2p 0.8.1 is young; this module wraps the traps listed in shared/reference/libp2p.md:
+  1. an exception escaping a stream handler kills the connection's accept loop -> `set_handler`
+     wraps every handler: catches everything, answers ERROR when it can, resets otherwise, closes;
+  2. a peer killed mid-reply looks like a clean EOF -> framing in wire.FramedStream;
+  3. the swarm refuses to redial a peer for 60 s after a failed dial -> `_forget_failed_dial`
+     before each dial we ask for explicitly (a restarted server is reachable at once);
+  4/8. hung peers and silent listeners block dials, stream opens and reads forever -> every one
+     is under trio.fail_after with a number from config;
+  7. default security options accept /plaintext/2.0.0 -> Noise is the only security option;
+  9. the 250 ms connect floor -> ConnectionConfig(max_connections_per_peer=1).
+Our own PING/PONG gives sub-millisecond RTTs (libp2p's ping reports whole milliseconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from . import config
+from .errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
+from .identity import load_or_create_identity
+from .wire import Frame, FramedStream, MsgType, error_frame
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[FramedStream], Awaitable[None]]
+
+_NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "anyio_service", "aioquic", "upnp", "zeroconf")
+
+
+def quiet_libp2p_logging(verbose: bool = False) -> None:
+    """Silence py-libp2p's warnings in normal runs; `verbose=True` lets its INFO and up through."""
+    level = logging.INFO if verbose else logging.CRITICAL + 1
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def _security_options(key_pair: KeyPair) -> dict[TProtocol, Any]:
+    # Noise only: no TLS, no secio, and above all no /plaintext/2.0.0 fallback (trap 7).
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return {TProtocol(NOISE_PROTOCOL_ID): noise}
+
+
+def _parse_peer_addr(addr: str) -> Any:
+    try:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as e:
+        raise PeerError(f"bad peer address {addr!r} ({e}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
+    return info
+
+
+class Host:
+    """What the rest of llmswarm sees of libp2p. Build with `open_host`."""
+
+    def __init__(self, libp2p_host: Any, key_pair: KeyPair) -> None:
+        self.libp2p = libp2p_host  # the raw py-libp2p host (gossipsub is mounted on it)
+        self.key_pair = key_pair
+        self.peer_id: str = libp2p_host.get_id().to_base58()
+
+    @property
+    def private_key(self) -> Any:
+        return self.key_pair.private_key
+
+    @property
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self.libp2p.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        return [str(p) for p in self.libp2p.get_connected_peers()]
+
+    # -- handlers ----------------------------------------------------------------------------------
+    def set_handler(self, protocol: str, handler: Handler) -> None:
+        """Serve `protocol` with `handler(stream)`; see `_guarded` for what the wrapper guarantees."""
+
+        async def guarded(raw_stream: Any) -> None:
+            await _guarded(handler, FramedStream(raw_stream), protocol)
+
+        self.libp2p.set_stream_handler(TProtocol(protocol), guarded)
+
+    # -- dialing -----------------------------------------------------------------------------------
+    def _forget_failed_dial(self, peer_id: ID) -> None:
+        """Trap 3: the swarm keeps peers whose dial failed in a 60 s negative cache and refuses to
+        redial them. Our dials are explicit and bounded, so we always retry for real."""
+        cache = getattr(self.libp2p.get_network(), "_negative_peer_cache", None)
+        if cache is not None:
+            cache.evict(str(peer_id))
+
+    async def connect(self, addr: str, *, timeout_s: float = config.DIAL_TIMEOUT_S) -> str:
+        """Dial a full multiaddr (…/p2p/<id>); returns the peer id. PeerError on failure."""
+        info = _parse_peer_addr(addr)
+        if info.peer_id == self.libp2p.get_id():
+            raise PeerError(f"{addr} is this node itself")
+        self._forget_failed_dial(info.peer_id)
+        try:
+            with trio.fail_after(timeout_s):
+                await self.libp2p.connect(info)
+        except trio.TooSlowError:
+            raise PeerError(
+                f"could not reach {addr} within {timeout_s:g} s: is the peer up and reachable?"
+            ) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise PeerError(f"could not connect to {addr}: {_short(e)}") from None
+        return info.peer_id.to_base58()
+
+    async def open_stream(
+        self, peer_id: str, protocol: str, *, timeout_s: float = config.STREAM_OPEN_TIMEOUT_S
+    ) -> FramedStream:
+        """Open a stream (dialing known addresses if not connected), bounded by `timeout_s`."""
+        pid = ID.from_base58(peer_id)
+        if not self.libp2p.get_network().get_connections(pid):
+            self._forget_failed_dial(pid)
+        try:
+            with trio.fail_after(timeout_s):
+                raw = await self.libp2p.new_stream(pid, [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise PeerError(
+                f"peer {peer_id[-8:]} did not open a {protocol} stream within {timeout_s:g} s"
+            ) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise PeerError(f"cannot open {protocol} to peer {peer_id[-8:]}: {_short(e)}") from None
+        return FramedStream(raw)
+
+    async def ping(
+        self, peer_id: str, count: int = 3, *, timeout_s: float = config.PING_TIMEOUT_S
+    ) -> list[float]:
+        """RTTs in seconds of `count` PING/PONG round trips over one stream."""
+        stream = await self.open_stream(peer_id, config.PROTOCOL_PING, timeout_s=timeout_s)
+        rtts: list[float] = []
+        try:
+            for i in range(count):
+                t0 = time.perf_counter()
+                reply = await stream.request(Frame(MsgType.PING, {"n": i}), timeout_s=timeout_s)
+                rtts.append(time.perf_counter() - t0)
+                if reply.type != MsgType.PONG or reply.header.get("n") != i:
+                    raise PeerError(f"peer {peer_id[-8:]} answered PING with {reply.type.name}")
+        except BaseException:
+            await stream.reset()
+            raise
+        await stream.close()
+        return rtts
+
+
+async def _guarded(handler: Handler, stream: FramedStream, protocol: str) -> None:
+    """Run a handler so that nothing escapes to libp2p (trap 1): the stream is always closed; an
+    error the peer can act on is answered with an ERROR frame; a broken stream is reset."""
+    try:
+        await handler(stream)
+    except RemoteError as e:  # the handler refuses the request: tell the peer why
+        await _answer_error(stream, error_frame(e.code, str(e)))
+        return
+    except PeerError as e:  # peer hung up, timed out or broke the stream: nobody to answer
+        log.debug("%s handler: peer error: %s", protocol, e)
+        await stream.reset()
+        return
+    except trio.Cancelled:
+        await stream.reset()
+        raise  # host shutting down: cancellation must propagate to its nursery
+    except BaseException as e:  # noqa: BLE001 - the whole point: never let anything escape
+        if isinstance(e, WireError):  # the peer sent a malformed frame
+            reply = error_frame("bad_request", str(e))
+        else:
+            log.warning(
+                "%s handler failed: %s", protocol, _short(e), exc_info=log.isEnabledFor(logging.DEBUG)
+            )
+            reply = error_frame("internal", f"server error: {_short(e)}")
+        await _answer_error(stream, reply)
+        return
+    await stream.close()
+
+
+async def _answer_error(stream: FramedStream, reply: Frame) -> None:
+    try:
+        await stream.send(reply, timeout_s=config.CLOSE_TIMEOUT_S)
+    except PeerError:
+        await stream.reset()
+        return
+    await stream.close()
+
+
+async def _ping_handler(stream: FramedStream) -> None:
+    while True:
+        try:
+            frame = await stream.recv(timeout_s=config.READ_TIMEOUT_S)
+        except PeerClosed:
+            return
+        if frame.type != MsgType.PING:
+            raise RemoteError("bad_request", f"expected PING, got {frame.type.name}")
+        await stream.send(Frame(MsgType.PONG, frame.header))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+@asynccontextmanager
+async def open_host(
+    identity_path: str | Path | None = None,
+    port: int = 0,
+    listen_host: str = config.DEFAULT_LISTEN_HOST,
+    *,
+    key_pair: KeyPair | None = None,
+) -> AsyncIterator[Host]:
+    """Run one host listening on TCP `listen_host:port` (0 = any free port) until the block exits."""
+    if key_pair is None:
+        key_pair = load_or_create_identity(identity_path)
+    try:
+        listen = multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{int(port)}")
+    except Exception as e:
+        raise NodeError(f"bad listen address {listen_host}:{port}: {e}") from None
+    raw = new_host(
+        key_pair=key_pair,
+        sec_opt=_security_options(key_pair),
+        muxer_opt=create_yamux_muxer_option(),
+        listen_addrs=[listen],
+        connection_config=ConnectionConfig(max_connections_per_peer=config.MAX_CONNECTIONS_PER_PEER),
+    )
+    async with AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(raw.run(listen_addrs=[listen]))
+        except OSError as e:
+            raise NodeError(f"cannot listen on {listen_host}:{port}: {e}; pick another --port") from None
+        stack.push_async_callback(_close_network, raw)
+        host = Host(raw, key_pair)
+        host.set_handler(config.PROTOCOL_PING, _ping_handler)
+        yield host
+
+
+async def _close_network(raw: Any) -> None:
+    """Leaving host.run() does not close the swarm in 0.8.1: its TCP listener (a trio system task)
+    keeps accepting and completing handshakes. Close connections and listeners explicitly."""
+    with trio.move_on_after(config.HOST_CLOSE_TIMEOUT_S) as scope:
+        scope.shield = True
+        try:
+            await raw.get_network().close()
+        except Exception as e:
+            log.debug("closing the swarm: %s", _short(e))
+
+
+def ephemeral_host(port: int = 0, listen_host: str = config.DEFAULT_LISTEN_HOST):
+    """A host with a fresh throwaway identity: clients need no stable peer id."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    return open_host(port=port, listen_host=listen_host, key_pair=create_new_key_pair())

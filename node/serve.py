@@ -1,0 +1,200 @@
+"""A server process: join the swarm, load a span, measure it, announce it, serve until stopped.
+
+`serve()` is what `llmswarm join` runs. The host and the directory come up first (so
+`--num-blocks` can see where the swarm is weakest, and the server is announced as "joining" while
+it loads); weights load in a worker thread so the host keeps answering. A clean stop (Ctrl-C,
+SIGTERM) announces "offline" before the process exits.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+from llmswarm.models.checkpoint import Checkpoint, locate
+from llmswarm.models.families import family_of
+from llmswarm.models.registry import resolve
+from llmswarm.models.span import Span, load_span, parse_dtype
+from llmswarm.routing.balance import choose_start
+
+from . import config
+from .directory import Directory, announce_forever, open_directory
+from .errors import NodeError, PeerError
+from .host import Host, open_host
+from .records import ServerRecord
+from .server import SpanServer
+from .snapshot import live_records
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    blocks: tuple[int, int] | None = None  # explicit span
+    num_blocks: int | None = None  # or: this many blocks where the swarm is weakest
+    peers: list[str] = field(default_factory=list)
+    port: int = 0
+    listen_host: str = config.DEFAULT_LISTEN_HOST
+    device: str = "cpu"
+    dtype: str | None = None
+    public_name: str = ""
+    max_sessions: int = config.DEFAULT_MAX_SESSIONS
+    cache_tokens: int = config.DEFAULT_CACHE_TOKENS
+    announce_period_s: float = config.ANNOUNCE_PERIOD_S
+    identity: str | None = None
+
+
+class ServeEvents:
+    """What the CLI is told while a server runs (it renders; we never print)."""
+
+    def progress(self, task: str, done: float, total: float | None) -> None: ...
+    def ready(self, info: dict[str, Any]) -> None: ...
+    def status(self, info: dict[str, Any]) -> None: ...
+    def stopping(self) -> None: ...
+
+
+@dataclass
+class Throughput:
+    inference_rps: float  # decode steps per second per block
+    prefill_tps: float  # prefill tokens per second through the whole span
+    throughput: float  # decode tokens per second through the whole span (one session)
+
+
+def measure_throughput(span: Span, decode_steps: int = 8, prefill_tokens: int = 128) -> Throughput:
+    """Time real steps of this span (which also warms its kernels up before the first client)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = span.cfg.hidden_size
+    cache = span.new_cache(prefill_tokens + decode_steps + 1)
+    x = torch.randn(1, prefill_tokens, hidden, generator=gen).to(span.dtype)
+    span.forward(x[:, :16], cache, 0)  # warm-up
+    started = time.perf_counter()
+    span.forward(x, cache, 0)
+    prefill_s = time.perf_counter() - started
+    step = x[:, :1]
+    times = []
+    for i in range(decode_steps):
+        started = time.perf_counter()
+        span.forward(step, cache, prefill_tokens + i)
+        times.append(time.perf_counter() - started)
+    per_step = statistics.median(times)
+    return Throughput(span.num_blocks / per_step, prefill_tokens / prefill_s, 1.0 / per_step)
+
+
+async def serve(opts: ServeOptions, events: ServeEvents) -> None:
+    spec = resolve(opts.model)
+    dtype = parse_dtype(opts.dtype, opts.device)
+    joined_at = time.monotonic()
+    async with open_host(opts.identity, port=opts.port, listen_host=opts.listen_host) as host:
+        async with open_directory(host, opts.peers, [spec.name]) as directory:
+            folder = await trio.to_thread.run_sync(lambda: locate(spec, events.progress, _want_for(opts)))
+            ckpt = Checkpoint.open(folder)
+            start, end = _pick_span(opts, ckpt, directory, spec.name)
+            span = await trio.to_thread.run_sync(
+                lambda: load_span(ckpt, start, end, dtype, opts.device, events.progress))
+            events.progress("measuring throughput", 0, None)
+            speed = await trio.to_thread.run_sync(measure_throughput, span)
+            server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens)
+            host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
+            state = _State(server, speed, ckpt.config.num_blocks)
+
+            def make_record() -> ServerRecord:
+                return state.record(host, spec.name, str(dtype).removeprefix("torch."), opts.public_name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(announce_forever, directory, make_record, host.private_key,
+                                   opts.announce_period_s)
+                nursery.start_soon(_measure_next_hops, host, directory, state, opts.announce_period_s)
+                nursery.start_soon(_report_status, server, events)
+                events.ready({"peer_id": host.peer_id, "addrs": host.addrs, "model": spec.name, "start": start,
+                              "end": end, "dtype": str(dtype).removeprefix("torch."),
+                              "seconds_to_announce": round(time.monotonic() - joined_at, 3),
+                              "inference_rps": round(speed.inference_rps, 2),
+                              "throughput": round(speed.throughput, 2)})
+                await _until_signal()
+                events.stopping()
+                nursery.cancel_scope.cancel()  # announce_forever publishes "offline" on its way out
+
+
+class _State:
+    def __init__(self, server: SpanServer, speed: Throughput, num_blocks: int) -> None:
+        self.server, self.speed, self.num_blocks = server, speed, num_blocks
+        self.next_rtts: dict[str, float] = {}
+
+    def record(self, host: Host, model: str, dtype: str, public_name: str) -> ServerRecord:
+        from importlib.metadata import version
+
+        s = self.server
+        return ServerRecord(
+            peer_id=host.peer_id, model=model, num_blocks=self.num_blocks, start=s.span.start, end=s.span.end,
+            addrs=host.addrs, state="online", inference_rps=self.speed.inference_rps,
+            prefill_tps=self.speed.prefill_tps, throughput=self.speed.throughput,
+            cache_tokens_left=s.cache_tokens_left, sessions=s.stats.sessions, version=version("llmswarm"),
+            dtype=dtype, public_name=public_name, next_rtts=dict(self.next_rtts),
+            health={"tokens_served": s.stats.tokens_served},
+        )
+
+
+def _want_for(opts: ServeOptions) -> Callable[[Checkpoint], list[str]] | None:
+    """For hub models: download only the shards of our blocks (all of them when the span is not yet known)."""
+    if opts.blocks is None:
+        return None
+
+    def want(ck: Checkpoint) -> list[str]:
+        fam = family_of(ck.config)
+        return [n for i in range(*opts.blocks) for n in ck.block_keys(i, fam.block_prefix(i))]
+
+    return want
+
+
+def _pick_span(opts: ServeOptions, ckpt: Checkpoint, directory: Directory, model: str) -> tuple[int, int]:
+    total = ckpt.config.num_blocks
+    if opts.blocks is not None:
+        start, end = opts.blocks
+        if not 0 <= start < end <= total:
+            raise NodeError(f"--blocks {start}:{end} is outside {model}'s blocks 0:{total}")
+        return start, end
+    n = opts.num_blocks or total
+    if not 0 < n <= total:
+        raise NodeError(f"--num-blocks {n} must be between 1 and {total} for {model}")
+    spans = [(r.start, r.end, r.throughput) for r in live_records(directory.records(model), model)]
+    start = choose_start(total, n, spans)
+    return start, start + n
+
+
+async def _measure_next_hops(host: Host, directory: Directory, state: _State, period_s: float) -> None:
+    """RTTs to the servers a chain may hand over to after us (their span holds our end block)."""
+    end = state.server.span.end
+    while True:
+        model = state.server.model
+        targets = [r for r in live_records(directory.records(model), model)
+                   if r.start <= end < r.end and r.peer_id != host.peer_id]
+        rtts = {}
+        for r in targets[: config.MAX_RECORD_NEXT_RTTS]:
+            try:
+                if r.peer_id not in host.connected_peers():
+                    await host.connect(r.addrs[0])
+                rtts[r.peer_id] = statistics.median(await host.ping(r.peer_id, config.NEXT_HOP_PING_COUNT))
+            except (PeerError, IndexError):
+                continue
+        state.next_rtts = rtts
+        await trio.sleep(min(period_s, 10.0) if not rtts and targets else period_s)
+
+
+async def _report_status(server: SpanServer, events: ServeEvents) -> None:
+    while True:
+        s = server.stats
+        events.status({"sessions": s.sessions, "tokens_served": s.tokens_served,
+                       "steps_per_s": round(s.steps_per_s(), 2), "cache_tokens_left": server.cache_tokens_left,
+                       "errors": s.errors})
+        await trio.sleep(config.STATUS_PERIOD_S)
+
+
+async def _until_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return

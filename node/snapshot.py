@@ -1,0 +1,101 @@
+"""From signed records to a routing snapshot: the bridge between the directory and the solvers."""
+
+from __future__ import annotations
+
+import statistics
+
+import trio
+from llmswarm.routing import ServerInfo, Snapshot
+
+from . import config
+from .directory import is_live
+from .errors import PeerError
+from .host import Host
+from .records import ServerRecord
+
+
+def live_records(records: list[ServerRecord], model: str) -> list[ServerRecord]:
+    return [r for r in records if r.model == model and is_live(r)]
+
+
+def coverage_gaps(records: list[ServerRecord], num_blocks: int) -> list[tuple[int, int]]:
+    """Block ranges no live server covers."""
+    covered = [False] * num_blocks
+    for r in records:
+        for b in range(r.start, min(r.end, num_blocks)):
+            covered[b] = True
+    gaps, start = [], None
+    for b, c in enumerate([*covered, True]):
+        if not c and start is None:
+            start = b
+        elif c and start is not None:
+            gaps.append((start, b))
+            start = None
+    return gaps
+
+
+async def measure_rtts(host: Host, peer_ids: list[str], count: int = config.CLIENT_PING_COUNT) -> dict[str, float]:
+    """Median PING round trip to each peer, concurrently; unreachable peers are left out."""
+    rtts: dict[str, float] = {}
+
+    async def one(pid: str) -> None:
+        try:
+            rtts[pid] = statistics.median(await host.ping(pid, count))
+        except PeerError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for pid in peer_ids:
+            nursery.start_soon(one, pid)
+    return rtts
+
+
+async def dial_records(host: Host, records: list[ServerRecord]) -> None:
+    """Connect to every server we have no connection to yet (their addresses are in the records)."""
+    connected = set(host.connected_peers())
+
+    async def one(r: ServerRecord) -> None:
+        for addr in r.addrs:
+            try:
+                await host.connect(addr)
+                return
+            except PeerError:
+                continue
+
+    async with trio.open_nursery() as nursery:
+        for r in records:
+            if r.peer_id not in connected:
+                nursery.start_soon(one, r)
+
+
+def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: dict[str, float]) -> Snapshot:
+    servers = [
+        ServerInfo(
+            peer_id=r.peer_id, start=r.start, end=r.end, inference_rps=r.inference_rps, throughput=r.throughput,
+            cache_tokens_left=r.cache_tokens_left, rtt_s=rtts.get(r.peer_id), next_rtts=dict(r.next_rtts),
+            public_name=r.public_name or None,
+        )
+        for r in records
+        if r.peer_id in rtts  # a server we cannot ping cannot serve us either
+    ]
+    return Snapshot(num_blocks=num_blocks, servers=servers, model=model)
+
+
+async def fetch_snapshot(model: str, peers: list[str]) -> Snapshot:
+    """A snapshot of `model`'s swarm as seen from here: for `llmswarm route` on a live swarm."""
+    from llmswarm.models.registry import resolve
+
+    from .directory import open_directory
+    from .errors import NodeError
+    from .host import ephemeral_host
+
+    if not peers:
+        raise NodeError("no peers to ask: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) or set LLMSWARM_PEERS")
+    name = resolve(model).name
+    async with ephemeral_host() as host, open_directory(host, peers, [name], gossip=False) as d:
+        records = live_records(d.records(name), name)
+        if not records:
+            raise NodeError(f"no server announces {name} on this swarm yet")
+        await dial_records(host, records)
+        rtts = await measure_rtts(host, [r.peer_id for r in records])
+        return to_snapshot(records, name, records[0].num_blocks, rtts)
