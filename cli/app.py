@@ -39,12 +39,14 @@ def _root(
 
 
 def _register() -> None:
-    from . import chat, join, models_cmd
+    from . import chat, demo, join, models_cmd, probe
 
     app.command("chat")(chat.chat)
     app.command("join")(join.join)
     app.command("bootstrap")(join.bootstrap)
     app.command("models")(models_cmd.models)
+    app.command("demo")(demo.demo)
+    app.command("probe")(probe.probe)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built

@@ -66,7 +66,7 @@ class _JoinEvents:
 
     def ready(self, info: dict) -> None:
         if self.json_out:
-            output.print_json(info)
+            output.print_json_line(info)
         output.err.print(f"[green]serving[/green] {info['model']} blocks {info['start']}:{info['end']} "
                          f"({info['dtype']}, {info['throughput']:.1f} tokens/s) as {info['addrs'][0]} "
                          f"- announced {info['seconds_to_announce']:.1f} s after start")

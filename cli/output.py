@@ -36,6 +36,12 @@ def print_json(record: Any) -> None:
     sys.stdout.flush()
 
 
+def print_json_line(record: Any) -> None:
+    """One compact JSON document on one line: for machine readers that read line by line."""
+    sys.stdout.write(json.dumps(_plain(record), separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}")
 

@@ -141,7 +141,6 @@ def reroute_segment(g: ChainGraph, x: np.ndarray, chain: list[int], rng, max_hop
     the chain changed."""
     t = Tables.of(g)
     m = len(chain)
-    a = int(rng.integers(m))
     n = int(rng.integers(min(max_hops, max(m - 1, 1)))) + 1  # never the whole chain (unless 1 hop)
     a = int(rng.integers(m - n + 1))
     c = a + n - 1
@@ -208,11 +207,16 @@ class ChainMutation(Mutation):
                  **kwargs):
         super().__init__(**kwargs)
         self.hold, self.local, self.local_hops, self.lift = hold, local, local_hops, lift
+        self.from_archive, self.archive = 0.0, None
 
     def _do(self, problem, X, random_state=None, **kwargs):
         g, rs = problem.g, random_state
         t = Tables.of(g)
         X = X.astype(np.int64)
+        arch = self.archive
+        if self.from_archive > 0 and arch is not None and len(arch.X):
+            swap = np.flatnonzero(rs.random(len(X)) < self.from_archive)
+            X[swap] = arch.X[rs.integers(0, len(arch.X), size=len(swap))]
         objs, chains = decode(g, X)
         rows = np.arange(len(X))
         b = -objs["throughput"]
@@ -342,6 +346,7 @@ def _greedy(g: ChainGraph, pick: Callable[[np.ndarray, int], int]) -> list[int]:
 def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "throughput"),
                 pop_size: int = 50, n_gen: int = 300, hold: float = 0.5, local: float = LOCAL_RATE,
                 local_hops: int = LOCAL_HOPS, lift: float = 0.0, archive: bool = True,
+                from_archive: float = 0.0,
                 time_budget_s: float | None = None,
                 seed: int = 0, seeds: tuple[str, ...] = SEED_KINDS) -> tuple[list[Route], dict]:
     """Run NSGA-II; return its non-dominated chains and a record of what it did.
@@ -358,6 +363,7 @@ def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "thr
                  crossover=TwoPointCrossover(), mutation=ChainMutation(hold, local, local_hops, lift))
     algo.setup(problem, termination=("n_gen", n_gen), seed=seed, verbose=False)
     arch = Archive(len(objectives))
+    algo.mating.mutation.archive, algo.mating.mutation.from_archive = arch, from_archive
     while algo.has_next():
         pop = algo.ask()
         algo.evaluator.eval(problem, pop, algorithm=algo)

@@ -1,0 +1,129 @@
+"""A whole swarm on this machine: one bootstrap and N `join` processes splitting a model.
+
+Used by `llmswarm demo`, `llmswarm bench swarm` and the end-to-end tests. Every process it starts
+is a real `llmswarm` process on 127.0.0.1 with its own identity, and every one of them is stopped
+on any exit (SIGTERM, then SIGKILL after a grace period), Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import NodeError
+
+START_TIMEOUT_S = 120.0  # a join process loads weights and measures itself before it is ready
+STOP_GRACE_S = 5.0
+
+
+def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
+    if not 0 < servers <= num_blocks:
+        raise NodeError(f"cannot split {num_blocks} blocks among {servers} servers")
+    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def llmswarm_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmswarm.cli.app", *args]
+
+
+class LocalSwarm:
+    def __init__(self, model: str, spans: list[tuple[int, int]], *, announce_period_s: float = 5.0,
+                 dtype: str | None = None, extra_join_args: tuple[str, ...] = (),
+                 progress: Callable[[str, float, float | None], None] = lambda *a: None,
+                 workdir: str | None = None) -> None:
+        self.model, self.spans = model, spans
+        self.announce_period_s, self.dtype = announce_period_s, dtype
+        self.extra_join_args = extra_join_args
+        self.progress = progress
+        self._tmp = tempfile.TemporaryDirectory(prefix="llmswarm-") if workdir is None else None
+        self.workdir = Path(workdir or self._tmp.name)
+        self.bootstrap: subprocess.Popen | None = None
+        self.servers: list[subprocess.Popen] = []
+        self.ready: list[dict] = []
+        self.peers: list[str] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __enter__(self) -> LocalSwarm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.bootstrap = self._spawn("bootstrap", "--port", "0", "--identity", str(self.workdir / "bootstrap.key"))
+        self.peers = [self._read_line(self.bootstrap, "bootstrap").strip()]
+        for i, (start, end) in enumerate(self.spans):
+            self.start_server(i, start, end)
+        for i, proc in enumerate(self.servers):
+            self.progress(f"starting {len(self.spans)} servers", i, len(self.spans))
+            self.ready.append(json.loads(self._read_line(proc, f"server {i}")))
+        self.progress(f"starting {len(self.spans)} servers", len(self.spans), len(self.spans))
+
+    def start_server(self, i: int, start: int, end: int, *extra: str) -> subprocess.Popen:
+        args = ["join", "--model", self.model, "--blocks", f"{start}:{end}", "--peers", *self.peers,
+                "--identity", str(self.workdir / f"server{i}.key"), "--public-name", f"server{i}",
+                "--announce-period", str(self.announce_period_s), "--json", *self.extra_join_args, *extra]
+        if self.dtype:
+            args += ["--dtype", self.dtype]
+        proc = self._spawn(*args)
+        if i < len(self.servers):
+            self.servers[i] = proc
+        else:
+            self.servers.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        procs = [p for p in [*self.servers, self.bootstrap] if p is not None and p.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for p in [*self.servers, self.bootstrap]:
+            if p is not None:
+                for f in (p.stdout, p.stderr):
+                    if f:
+                        f.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        log = open(self.workdir / f"{args[0]}-{len(self.servers)}.log", "w")  # noqa: SIM115 - lives with the process
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(llmswarm_command(*args), stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                start_new_session=True)  # Ctrl-C reaches only us; we stop them in order
+
+    def _read_line(self, proc: subprocess.Popen, what: str, timeout_s: float = START_TIMEOUT_S) -> str:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = proc.stdout.readline()
+                if line:
+                    return line
+            if proc.poll() is not None:
+                raise NodeError(f"{what} exited with code {proc.returncode} before it was ready "
+                                f"(log: {self.workdir})")
+        raise NodeError(f"{what} was not ready within {timeout_s:g} s")
