@@ -31,7 +31,6 @@ from collections.abc import Callable
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
-from pymoo.core.duplicate import DuplicateElimination
 from pymoo.core.mutation import Mutation
 from pymoo.core.problem import Problem
 from pymoo.operators.crossover.pntx import TwoPointCrossover
@@ -41,9 +40,10 @@ from .graph import ChainGraph
 from .swarm import Route
 
 SEED_KINDS = ("dijkstra", "widest", "fewest-hops")
-LOCAL_RATE = 0.1  # share of offspring given the memetic segment re-route
-LOCAL_HOPS = 3  # longest run of consecutive hops it may replace
-DEDUP_X = True
+LOCAL_RATE = 0.3  # share of offspring given the memetic segment re-route
+LOCAL_HOPS = 5  # longest run of consecutive hops it may replace (never the whole chain)
+LIFT_RATE = 0.3  # share of mutations that lift the chain's bottleneck to the next throughput level
+FROM_ARCHIVE = 0.5  # share of offspring replaced by an archive chain before mutation
 
 
 class ChainProblem(Problem):
@@ -203,11 +203,11 @@ class ChainMutation(Mutation):
     """Re-draw one on-chain gene; with probability hold keep the chain's bottleneck (see above);
     then, with probability local, the memetic segment re-route (reroute_segment)."""
 
-    def __init__(self, hold: float = 0.5, local: float = 0.0, local_hops: int = 3, lift: float = 0.0,
-                 **kwargs):
+    def __init__(self, hold: float = 0.5, local: float = 0.0, local_hops: int = LOCAL_HOPS,
+                 lift: float = 0.0, from_archive: float = 0.0, archive: Archive | None = None, **kwargs):
         super().__init__(**kwargs)
         self.hold, self.local, self.local_hops, self.lift = hold, local, local_hops, lift
-        self.from_archive, self.archive = 0.0, None
+        self.from_archive, self.archive = from_archive, archive
 
     def _do(self, problem, X, random_state=None, **kwargs):
         g, rs = problem.g, random_state
@@ -238,29 +238,6 @@ class ChainMutation(Mutation):
                 for r, row in zip(pick.tolist(), ch, strict=True):
                     reroute_segment(g, X[r], [int(j) for j in row if j >= 0], rs, self.local_hops)
         return X
-
-
-class ChainDuplicates(DuplicateElimination):
-    """Two genomes are duplicates when they decode to the same chain (off-chain genes are neutral)."""
-
-    def _do(self, pop, other, is_duplicate):
-        g = self.g
-        keys = _chain_keys(g, pop.get("X"))
-        if other is None:
-            seen = set()
-            for i, key in enumerate(keys):
-                is_duplicate[i] |= key in seen
-                seen.add(key)
-        else:
-            theirs = set(_chain_keys(g, other.get("X")))
-            for i, key in enumerate(keys):
-                is_duplicate[i] |= key in theirs
-        return is_duplicate
-
-
-def _chain_keys(g: ChainGraph, X) -> list[bytes]:
-    _, chains = decode(g, np.asarray(X).astype(np.int64))
-    return [row[row >= 0].tobytes() for row in chains]
 
 
 class Archive:
@@ -345,8 +322,8 @@ def _greedy(g: ChainGraph, pick: Callable[[np.ndarray, int], int]) -> list[int]:
 
 def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "throughput"),
                 pop_size: int = 50, n_gen: int = 300, hold: float = 0.5, local: float = LOCAL_RATE,
-                local_hops: int = LOCAL_HOPS, lift: float = 0.0, archive: bool = True,
-                from_archive: float = 0.0,
+                local_hops: int = LOCAL_HOPS, lift: float = LIFT_RATE, archive: bool = True,
+                from_archive: float = FROM_ARCHIVE,
                 time_budget_s: float | None = None,
                 seed: int = 0, seeds: tuple[str, ...] = SEED_KINDS) -> tuple[list[Route], dict]:
     """Run NSGA-II; return its non-dominated chains and a record of what it did.
@@ -357,19 +334,18 @@ def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "thr
     rng = np.random.default_rng(seed)
     problem = ChainProblem(g, objectives)
     seeded = {name: c for name, c in seed_chains(g).items() if name in seeds} if seeds else {}
-    dup = ChainDuplicates()
-    dup.g = g
-    algo = NSGA2(pop_size=pop_size, sampling=sample(g, pop_size, rng, seeded), eliminate_duplicates=True if DEDUP_X else dup,
-                 crossover=TwoPointCrossover(), mutation=ChainMutation(hold, local, local_hops, lift))
-    algo.setup(problem, termination=("n_gen", n_gen), seed=seed, verbose=False)
     arch = Archive(len(objectives))
-    algo.mating.mutation.archive, algo.mating.mutation.from_archive = arch, from_archive
+    mutation = ChainMutation(hold, local, local_hops, lift, from_archive, arch)
+    algo = NSGA2(pop_size=pop_size, sampling=sample(g, pop_size, rng, seeded), eliminate_duplicates=True,
+                 crossover=TwoPointCrossover(), mutation=mutation)
+    algo.setup(problem, termination=("n_gen", n_gen), seed=seed, verbose=False)
     while algo.has_next():
         pop = algo.ask()
+        if pop is None or len(pop) == 0:  # no new chain left to try (tiny swarms): the archive is complete
+            break
         algo.evaluator.eval(problem, pop, algorithm=algo)
         algo.tell(infills=pop)
-        if archive:
-            arch.add(pop.get("X"), pop.get("F"))
+        arch.add(pop.get("X"), pop.get("F"))
         if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
             break
     X = arch.X if archive else np.atleast_2d(algo.opt.get("X")).astype(np.int64)
@@ -377,7 +353,9 @@ def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "thr
     return routes, {"generations": int(algo.n_gen or 0), "evaluations": int(algo.evaluator.n_eval),
                     "pop_size": pop_size, "seeds": sorted(seeded), "archive": archive,
                     "local_search": f"segment re-route of <= {local_hops} hops on {local:.0%} of offspring"
-                    if local > 0 else "none"}
+                    if local > 0 else "none",
+                    "operators": f"two-point crossover; re-draw one hop (hold {hold:.0%}, lift {lift:.0%}); "
+                                 f"{from_archive:.0%} of offspring start from an archive chain"}
 
 
 def _unique_routes(g: ChainGraph, X: np.ndarray, objectives: tuple[str, ...]) -> list[Route]:
