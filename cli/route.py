@@ -41,7 +41,7 @@ def route(
                 time_budget_s=time_budget, pop_size=pop_size, generations=generations, objectives=objectives)
     record = _record(res, snap)
     if plot:
-        _plot(res, plot)
+        _plot(res, plot, snap, banned=set(ban or []), need_cache_tokens=need_cache_tokens)
         output.info(f"front plotted to {plot}")
     if json_out:
         output.print_json(record)
@@ -53,13 +53,16 @@ def bench_route(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON record, nothing else.")] = False,
     sizes: Annotated[str, typer.Option(help="Server counts, comma-separated.")] = "100,500,2000",
     blocks: Annotated[int, typer.Option(help="Blocks of the simulated model.")] = 80,
-    seeds: Annotated[str, typer.Option(help="Simulator seeds, comma-separated.")] = "0",
+    seeds: Annotated[str, typer.Option(help="Simulator seeds, comma-separated (median and worst "
+                                            "are reported per size).")] = "0,1,2",
     time_budget: Annotated[float, typer.Option(help="NSGA-II time budget, seconds.")] = 1.0,
     pop_size: Annotated[int, typer.Option(help="NSGA-II population.")] = 50,
     no_seed_chains: Annotated[bool, typer.Option(help="Start NSGA-II from random chains only.")] = False,
+    no_local_search: Annotated[bool, typer.Option(help="Switch off NSGA-II's memetic segment re-route "
+                                                       "(plain genetic operators only).")] = False,
 ) -> None:
     """Time exact, Dijkstra and NSGA-II on simulated swarms; NSGA-II's share of the exact hypervolume."""
-    from llmswarm.routing.bench import bench
+    from llmswarm.routing.bench import bench, summary
     from llmswarm.routing.nsga import SEED_KINDS
 
     try:
@@ -69,16 +72,18 @@ def bench_route(
         raise typer.BadParameter("--sizes and --seeds take comma-separated integers") from None
     with output.progress(enabled=not json_out) as report:
         rows = bench(size_list, blocks, seed_list, time_budget, pop_size,
-                     () if no_seed_chains else SEED_KINDS, progress=report)
+                     () if no_seed_chains else SEED_KINDS, local_search=not no_local_search, progress=report)
     record = {"nsga2_seed_chains": [] if no_seed_chains else list(SEED_KINDS),
-              "note": "NSGA-II is never seeded from exact-front points", "runs": rows}
+              "nsga2_local_search": rows[0]["nsga2_local_search"] if rows else "",
+              "note": "NSGA-II is never seeded from exact-front points", "runs": rows, "summary": summary(rows)}
     if json_out:
         output.print_json(record)
         return
     from rich.table import Table
 
     table = Table(title=f"route solvers, {blocks} blocks; NSGA-II seeds: "
-                        f"{', '.join(record['nsga2_seed_chains']) or 'none (random only)'}")
+                        f"{', '.join(record['nsga2_seed_chains']) or 'none (random only)'}; "
+                        f"memetic step: {record['nsga2_local_search']}")
     for col in ("servers", "seed", "exact s", "pts", "dijk s", "nsga2 s", "gens", "pts ", "HV", "HV loose",
                 "lat gap"):
         table.add_column(col, justify="right")
@@ -88,6 +93,16 @@ def bench_route(
                       str(r["nsga2_points"]), f"{r['hv_ratio']:.4f}", f"{r['hv_ratio_loose_ref']:.4f}",
                       f"{r['nsga2_max_latency_gap']:.1%}")
     output.console.print(table)
+    summ = Table(title="per size over seeds: median (worst)")
+    for col in ("servers", "seeds", "exact s", "nsga2 s", "HV", "HV loose", "lat gap"):
+        summ.add_column(col, justify="right")
+    for s in record["summary"]:
+        summ.add_row(str(s["servers"]), ",".join(map(str, s["seeds"])),
+                     f"{s['median_exact_time_s']:.3f} ({s['worst_exact_time_s']:.3f})",
+                     f"{s['median_nsga2_time_s']:.2f} ({s['worst_nsga2_time_s']:.2f})",
+                     f"{s['median_hv_ratio']:.4f} ({s['worst_hv_ratio']:.4f})",
+                     f"{s['median_hv_ratio_loose_ref']:.4f}", f"{s['median_nsga2_max_latency_gap']:.1%}")
+    output.console.print(summ)
     output.console.print("[dim]times include building the chain graph; HV = NSGA-II / exact hypervolume, "
                          "reference worst+10% of range; HV loose: (1.1 x worst latency, 0 tok/s); lat gap: "
                          "worst NSGA-II latency excess at an exact point's throughput; dijkstra = exact "
@@ -154,20 +169,34 @@ def _short(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 12 else f"{peer_id[:4]}..{peer_id[-6:]}"
 
 
-def _plot(res, path: Path) -> None:
+def _plot(res, path: Path, snap=None, banned: set[str] = frozenset(), need_cache_tokens: int = 0) -> None:
+    """Scatter the front; for NSGA-II on two objectives also the exact front (hollow markers, computed
+    here: one DAG pass per front point) and NSGA-II's hypervolume share in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r.latency_s * 1000 for r in res.front], [r.throughput for r in res.front],
-               label=f"front ({res.solver}, {len(res.front)} chains)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    title = res.reason
+    if res.solver == "nsga2" and snap is not None and len(res.objectives) == 2:
+        from llmswarm.routing import solve
+        from llmswarm.routing.hypervolume import hypervolume, latency_gap, reference_point
+
+        exact = solve(snap, "exact", banned=banned, need_cache_tokens=need_cache_tokens).front
+        ref = reference_point([exact, res.front], res.objectives)
+        ratio = hypervolume(res.front, res.objectives, ref) / max(hypervolume(exact, res.objectives, ref), 1e-300)
+        ax.scatter([r.latency_s * 1000 for r in exact], [r.throughput for r in exact], s=110,
+                   facecolors="none", edgecolors="black", label=f"exact front ({len(exact)} chains)", zorder=3)
+        title = (f"NSGA-II vs exact: hypervolume ratio {ratio:.4f}, worst latency gap "
+                 f"{latency_gap(res.front, exact):.1%}\n{res.reason}")
+    ax.scatter([r.latency_s * 1000 for r in res.front], [r.throughput for r in res.front], s=25,
+               label=f"front ({res.solver}, {len(res.front)} chains)", zorder=4)
     ax.scatter([res.chosen.latency_s * 1000], [res.chosen.throughput], marker="*", s=250, c="red",
-               label="chosen")
+               label="chosen", zorder=5)
     ax.set_xlabel("latency per decode step (ms)")
     ax.set_ylabel("chain throughput (tokens/s)")
-    ax.set_title(res.reason, fontsize=8, wrap=True)
+    ax.set_title(title, fontsize=8, wrap=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -8,17 +8,26 @@ positions the chain never visits are neutral (they carry material for later cros
 
 The whole population is decoded and evaluated at once with numpy (one loop step per hop).
 
-Operators (measured on simulated 500x80 swarms: plain SBX + polynomial mutation on this encoding
-reached 0.70-0.80 of the exact hypervolume in 1 s; these reach ~0.99):
+Operators (measured on simulated 80-block swarms, seeds 0-4, 1 s budget, tight-reference
+hypervolume ratio vs the exact front; median / worst):
 - covers are sorted by throughput, so "servers with throughput >= b at position k" is a prefix
-  [0, n_ok(k, b)) of gene values;
+  [0, nok[k, level(b)]) of gene values (one table lookup, see Tables);
 - sampling: random genomes clamped to a random throughput threshold (random valid chains at every
   throughput level, not just the low-bottleneck chains uniform genes give);
 - two-point crossover: genes are positional, so a child takes A's chain up to a shared position and
   B's after it;
-- mutation: re-draw the gene of one hop on the chain; most of the time ("hold") also clamp every
-  gene to servers at or above the chain's bottleneck, so the chain keeps its throughput and the
-  move searches for less latency at that level; otherwise the re-draw is unrestricted.
+- mutation: re-draw the gene of one hop on the chain; "hold" (50%) also clamps every gene to servers
+  at or above the chain's bottleneck (same throughput, look for less latency); "lift" (30%) clamps
+  to the next throughput level up (drops the bottleneck server: walks up the front); else free;
+- memetic step (30% of offspring, reroute_segment): replace a random run of 1-5 consecutive hops
+  (never the whole chain) by the least-latency sub-chain over the same blocks, using only servers at
+  or above the chain's bottleneck; a local shortest path on one genome's own chain;
+- archive: every non-dominated chain ever evaluated is kept; half the offspring start from a random
+  archive chain before mutation, and the run returns the archive's front.
+  Before (the first three operators only, final population; seeds 0-2): 500 servers 0.94 / 0.44,
+  2000 servers 0.80 / 0.80. After: 500 servers 1.000 / 0.996, 2000 servers 0.97 / 0.94.
+  Tried and dropped: duplicate elimination by decoded chain (more mating retries, fewer
+  generations, worse fronts than pymoo's genome distance).
 Optional seeds are cheap chains any client can build without the exact solver: the min-latency
 (Dijkstra) chain, the widest (max-bottleneck) chain, and the fewest-hops greedy chain. Seeds are
 NEVER taken from the exact front: that would prove nothing about NSGA-II.
@@ -339,6 +348,7 @@ def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "thr
     algo = NSGA2(pop_size=pop_size, sampling=sample(g, pop_size, rng, seeded), eliminate_duplicates=True,
                  crossover=TwoPointCrossover(), mutation=mutation)
     algo.setup(problem, termination=("n_gen", n_gen), seed=seed, verbose=False)
+    last = time.perf_counter()
     while algo.has_next():
         pop = algo.ask()
         if pop is None or len(pop) == 0:  # no new chain left to try (tiny swarms): the archive is complete
@@ -346,8 +356,10 @@ def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "thr
         algo.evaluator.eval(problem, pop, algorithm=algo)
         algo.tell(infills=pop)
         arch.add(pop.get("X"), pop.get("F"))
-        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
-            break
+        now = time.perf_counter()
+        if time_budget_s is not None and now + (now - last) - t0 > time_budget_s:
+            break  # the next generation would overrun the budget
+        last = now
     X = arch.X if archive else np.atleast_2d(algo.opt.get("X")).astype(np.int64)
     routes = _unique_routes(g, X, objectives)
     return routes, {"generations": int(algo.n_gen or 0), "evaluations": int(algo.evaluator.n_eval),

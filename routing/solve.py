@@ -33,6 +33,7 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
           banned: frozenset[str] | set[str] = frozenset(), need_cache_tokens: int = 0,
           time_budget_s: float | None = 1.0, pop_size: int = 50, generations: int = 300,
           objectives: tuple[str, ...] = ("latency", "throughput"), nsga_seeds: tuple[str, ...] = SEED_KINDS,
+          nsga_options: dict | None = None,
           default_rtt_s: float = DEFAULT_RTT_S, hop_overhead_s: float = HOP_OVERHEAD_S) -> SolveResult:
     """Route one session through snap. Raises NoRouteError if the eligible servers leave a block
     uncovered, RoutingError on bad arguments. time_budget_s bounds NSGA-II only (None: run all
@@ -55,7 +56,7 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
         front = exact_front(g) if len(objectives) == 2 else label_front(g, objectives)
     else:
         front, run = nsga2_front(g, objectives=objectives, pop_size=pop_size, n_gen=generations,
-                                 time_budget_s=time_budget_s, seed=seed, seeds=nsga_seeds)
+                                 time_budget_s=time_budget_s, seed=seed, seeds=nsga_seeds, **(nsga_options or {}))
         details.update(run)
     chosen, reason = choose(front, prefer)
     if solver == "dijkstra":

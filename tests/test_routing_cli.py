@@ -41,3 +41,21 @@ def test_bench_route_json_small():
     assert res.exit_code == 0, res.output
     rec = json.loads(res.stdout)
     assert rec["runs"][0]["dijkstra_matches_exact"] and 0 < rec["runs"][0]["hv_ratio"] <= 1.0 + 1e-9
+
+
+def test_route_nsga2_plot_draws_exact_front(tmp_path):
+    png = tmp_path / "front.png"
+    res = CliRunner().invoke(app, ["route", "--simulate", "80x20", "--solver", "nsga2", "--time-budget", "0.2",
+                                   "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert png.stat().st_size > 0
+
+
+def test_bench_route_several_seeds_summary_and_no_local_search():
+    res = CliRunner().invoke(app, ["bench-route", "--json", "--sizes", "30", "--blocks", "12", "--seeds", "0,1",
+                                   "--time-budget", "0.1", "--no-local-search"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["nsga2_local_search"] == "none"
+    (s,) = rec["summary"]
+    assert s["seeds"] == [0, 1] and s["worst_hv_ratio"] <= s["median_hv_ratio"] <= 1.0 + 1e-9

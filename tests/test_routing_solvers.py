@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from llmswarm.routing import NoRouteError, ServerInfo, Snapshot, solve
 from llmswarm.routing.exact import exact_front, label_front
@@ -183,3 +184,55 @@ def test_unreachable_servers_are_pruned_so_every_genome_is_valid():
                ServerInfo("b", 5, 10, 10.0, 10.0)]
     g = ChainGraph(Snapshot(num_blocks=10, servers=servers))
     assert {s.peer_id for s in g.servers} == {"a"}
+
+
+def test_archive_front_is_valid_and_non_dominated_across_objectives():
+    snap = simulate_swarm(150, 30, 6)
+    for objectives in (O2, ("latency", "throughput", "hops")):
+        res = solve(snap, "nsga2", seed=1, generations=30, time_budget_s=None, objectives=objectives)
+        assert res.details["archive"] is True and res.front
+        vecs = [r.objectives(objectives) for r in res.front]
+        assert len(set(vecs)) == len(vecs)
+        for r in res.front:
+            assert _valid(r, snap)
+            f = r.objectives(objectives)
+            assert not any(all(a <= b for a, b in zip(o, f, strict=True)) and o != f for o in vecs)
+
+
+def test_nondominated_matches_brute_force():
+    from llmswarm.routing.nsga import nondominated
+
+    rng = np.random.default_rng(0)
+    for d in (2, 3):
+        F = rng.integers(0, 6, size=(60, d)).astype(float)  # many ties on purpose
+        keep = set(nondominated(F).tolist())
+        for i in range(len(F)):
+            dominated = any((F[j] <= F[i]).all() and (F[j] < F[i]).any() for j in range(len(F)))
+            first_equal = all(not (F[j] == F[i]).all() for j in range(i))
+            assert (i in keep) == (not dominated and first_equal)
+
+
+def test_segment_reroute_keeps_throughput_and_never_adds_latency():
+    from llmswarm.routing.nsga import decode, reroute_segment, sample
+
+    g = ChainGraph(simulate_swarm(300, 40, 2))
+    rng = np.random.default_rng(3)
+    X = sample(g, 40, rng, {})
+    changed = 0
+    for x in X:
+        before, chains = decode(g, x[None])
+        chain = [int(j) for j in chains[0] if j >= 0]
+        changed += reroute_segment(g, x, chain, rng, max_hops=3)
+        after, new_chains = decode(g, x[None])
+        assert after["latency"][0] <= before["latency"][0] + 1e-12
+        assert after["throughput"][0] <= before["throughput"][0]  # (negated) bottleneck kept or raised
+        route = g.route([int(j) for j in new_chains[0] if j >= 0])  # raises if the chain is invalid
+        assert route.latency_s == pytest.approx(after["latency"][0], rel=1e-12)
+    assert changed > 0
+
+
+def test_nsga2_without_local_search_or_archive_still_valid():
+    snap = simulate_swarm(100, 30, 4)
+    res = solve(snap, "nsga2", generations=20, time_budget_s=None,
+                nsga_options={"local": 0.0, "archive": False, "from_archive": 0.0})
+    assert res.details["local_search"] == "none" and all(_valid(r, snap) for r in res.front)
