@@ -39,7 +39,7 @@ def _root(
 
 
 def _register() -> None:
-    from . import chat, demo, join, models_cmd, probe
+    from . import bench, chat, demo, join, models_cmd, probe, status
 
     app.command("chat")(chat.chat)
     app.command("join")(join.join)
@@ -47,6 +47,8 @@ def _register() -> None:
     app.command("models")(models_cmd.models)
     app.command("demo")(demo.demo)
     app.command("probe")(probe.probe)
+    app.command("status")(status.status)
+    bench_app.command("swarm")(bench.bench_swarm)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built

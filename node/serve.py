@@ -26,6 +26,7 @@ from llmswarm.routing.balance import choose_start
 from . import config
 from .directory import Directory, announce_forever, open_directory
 from .errors import NodeError, PeerError
+from .health import HealthCollector
 from .host import Host, open_host
 from .records import ServerRecord
 from .server import SpanServer
@@ -124,6 +125,7 @@ class _State:
     def __init__(self, server: SpanServer, speed: Throughput, num_blocks: int) -> None:
         self.server, self.speed, self.num_blocks = server, speed, num_blocks
         self.next_rtts: dict[str, float] = {}
+        self.health = HealthCollector(str(server.span.device))
 
     def record(self, host: Host, model: str, dtype: str, public_name: str) -> ServerRecord:
         from importlib.metadata import version
@@ -135,7 +137,8 @@ class _State:
             prefill_tps=self.speed.prefill_tps, throughput=self.speed.throughput,
             cache_tokens_left=s.cache_tokens_left, sessions=s.stats.sessions, version=version("llmswarm"),
             dtype=dtype, public_name=public_name, next_rtts=dict(self.next_rtts),
-            health={"tokens_served": s.stats.tokens_served},
+            health=self.health.collect(sessions=s.stats.sessions, tokens_served=s.stats.tokens_served,
+                                       cache_tokens_in_use=s.cache_tokens - s.cache_tokens_left),
         )
 
 
