@@ -69,9 +69,15 @@ def _exit_code(exc: BaseException) -> int | None:
     return None
 
 
+try:
+    _ExceptionGroup = BaseExceptionGroup
+except NameError:  # Python 3.10: trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup as _ExceptionGroup
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """Trio nurseries wrap errors in exception groups: the person wants the error inside."""
-    while isinstance(exc, BaseExceptionGroup):
+    while isinstance(exc, _ExceptionGroup):
         leaves = list(exc.exceptions)
         ours = [e for e in leaves if _exit_code(_unwrap(e)) is not None]
         exc = (ours or leaves)[0]
@@ -81,7 +87,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 def main() -> None:
     _register()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KeyboardInterrupt:
         output.err.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)

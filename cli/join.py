@@ -102,7 +102,8 @@ def bootstrap(
             addr = await nursery.start(lambda task_status: run_bootstrap(
                 port, identity, task_status, listen_host=host, peers=_split_peers(peers)))
             output.console.print(addr, soft_wrap=True)
-            output.err.print("bootstrap peer running: give the line above to `join` and `chat` as --peers; Ctrl-C stops")
+            output.err.print("bootstrap peer running: give the line above to `join` and `chat` as --peers; "
+                             "Ctrl-C stops")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break

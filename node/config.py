@@ -92,3 +92,6 @@ NEXT_HOP_PING_COUNT = 3  # PINGs per next-hop server when measuring RTTs for our
 CLIENT_PING_COUNT = 3  # PINGs per candidate server before a client routes
 COVERAGE_WAIT_S = 20.0  # how long `chat` waits for the swarm to cover every block
 BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each further failure
+# Run a step's compute on the server's event loop (True) or in a worker thread (False). Inline saves
+# two thread hand-offs per step per hop; the loop is busy for one step's compute (pings wait that long).
+SERVER_COMPUTE_INLINE = True

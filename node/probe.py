@@ -11,13 +11,12 @@ from .directory import open_directory
 from .errors import NodeError, PeerError
 from .host import ephemeral_host
 from .records import ServerRecord
-from .snapshot import dial_records
+from .snapshot import dial_records, require_peers
 
 
 async def probe(peers: list[str], model: str | None, count: int = 10) -> list[dict]:
     """One row per live server: median RTT, jitter (stdev), loss, and its announced next-hop RTTs."""
-    if not peers:
-        raise NodeError("no peers to ask: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) or set LLMSWARM_PEERS")
+    require_peers(peers)
     async with ephemeral_host() as host, open_directory(host, peers, [model] if model else None, gossip=False) as d:
         now = time.time()
         records = [r for r in d.records(model) if r.state != "offline" and r.expires_at > now]

@@ -2,9 +2,9 @@
 
 One handler task per stream (= per client session). Every frame is validated before it touches the
 model; a bad one is answered with an ERROR frame and the session stays usable; anything else that
-goes wrong closes only that session. The span's compute runs in a worker thread, one step at a
-time (a CapacityLimiter of 1: two steps at once would only fight over the same cores), so the
-event loop keeps answering pings and other sessions while a step runs.
+goes wrong closes only that session. The span's compute runs one step at a time, either inline on
+the event loop (config.SERVER_COMPUTE_INLINE: no thread hand-off on the hot path) or in a worker
+thread behind a CapacityLimiter of 1 (two steps at once would only fight over the same cores).
 """
 
 from __future__ import annotations
@@ -113,8 +113,11 @@ class SpanServer:
 
     async def _run(self, span: Span, hidden: torch.Tensor, cache, position: int) -> torch.Tensor:
         started = time.perf_counter()
-        async with self.compute:
-            out = await trio.to_thread.run_sync(span.forward, hidden, cache, position)
+        if config.SERVER_COMPUTE_INLINE:
+            out = span.forward(hidden, cache, position)  # one step at a time: the loop is ours meanwhile
+        else:
+            async with self.compute:
+                out = await trio.to_thread.run_sync(span.forward, hidden, cache, position)
         s = self.stats
         s.steps += 1
         s.tokens_served += hidden.shape[1]

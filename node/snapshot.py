@@ -9,9 +9,15 @@ from llmswarm.routing import ServerInfo, Snapshot
 
 from . import config
 from .directory import is_live
-from .errors import PeerError
+from .errors import NodeError, PeerError
 from .host import Host
 from .records import ServerRecord
+
+
+def require_peers(peers: list[str]) -> None:
+    if not peers:
+        raise NodeError("no peers to join: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) "
+                        "or set LLMSWARM_PEERS")
 
 
 def live_records(records: list[ServerRecord], model: str) -> list[ServerRecord]:
@@ -86,11 +92,9 @@ async def fetch_snapshot(model: str, peers: list[str]) -> Snapshot:
     from llmswarm.models.registry import resolve
 
     from .directory import open_directory
-    from .errors import NodeError
     from .host import ephemeral_host
 
-    if not peers:
-        raise NodeError("no peers to ask: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) or set LLMSWARM_PEERS")
+    require_peers(peers)
     name = resolve(model).name
     async with ephemeral_host() as host, open_directory(host, peers, [name], gossip=False) as d:
         records = live_records(d.records(name), name)

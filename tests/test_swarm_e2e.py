@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-
 from llmswarm.node.local_swarm import LocalSwarm, llmswarm_command
 
 pytestmark = pytest.mark.slow
