@@ -31,6 +31,18 @@ def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
+def _colocated_env() -> dict[str, str]:
+    """Servers on one machine take turns on the same cores: after its step, a server's OpenMP
+    threads must sleep at once instead of spinning (GNU OpenMP's default), or they steal the cores
+    the next server in the chain needs. LLMSWARM_SERVER_OMP_WAIT overrides (ACTIVE to compare)."""
+    env = {}
+    if os.environ.get("LLMSWARM_SERVER_OMP_WAIT"):
+        env["OMP_WAIT_POLICY"] = os.environ["LLMSWARM_SERVER_OMP_WAIT"]
+    if os.environ.get("LLMSWARM_SERVER_THREADS"):
+        env["OMP_NUM_THREADS"] = os.environ["LLMSWARM_SERVER_THREADS"]
+    return env
+
+
 def llmswarm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "llmswarm.cli.app", *args]
 
@@ -39,10 +51,11 @@ class LocalSwarm:
     def __init__(self, model: str, spans: list[tuple[int, int]], *, announce_period_s: float = 5.0,
                  dtype: str | None = None, extra_join_args: tuple[str, ...] = (),
                  progress: Callable[[str, float, float | None], None] = lambda *a: None,
-                 workdir: str | None = None) -> None:
+                 workdir: str | None = None, server_env: dict[str, str] | None = None) -> None:
         self.model, self.spans = model, spans
         self.announce_period_s, self.dtype = announce_period_s, dtype
         self.extra_join_args = extra_join_args
+        self.server_env = server_env if server_env is not None else _colocated_env()
         self.progress = progress
         self._tmp = tempfile.TemporaryDirectory(prefix="llmswarm-") if workdir is None else None
         self.workdir = Path(workdir or self._tmp.name)
@@ -109,7 +122,7 @@ class LocalSwarm:
     # -- helpers ----------------------------------------------------------------------------------
     def _spawn(self, *args: str) -> subprocess.Popen:
         log = open(self.workdir / f"{args[0]}-{len(self.servers)}.log", "w")  # noqa: SIM115 - lives with the process
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.server_env}
         return subprocess.Popen(llmswarm_command(*args), stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                 start_new_session=True)  # Ctrl-C reaches only us; we stop them in order
 
