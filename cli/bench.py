@@ -35,4 +35,6 @@ def bench_swarm(
     output.console.print(f"swarm / local: [bold]{r['ratio']:.3f}[/bold]   added per hop per step: "
                          f"[bold]{r['added_ms_per_hop_per_step']:.2f} ms[/bold]   token-identical: "
                          f"{r['token_identical']}   join -> announced: "
-                         + ", ".join(f"{s:.1f} s" for s in r["seconds_join_to_announced"]))
+                         + ", ".join(f"{s:.1f} s" for s in r["seconds_join_to_announced"])
+                         + " (process start -> announced: "
+                         + ", ".join(f"{s:.1f} s" for s in r["seconds_process_start_to_announced"]) + ")")

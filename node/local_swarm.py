@@ -63,6 +63,7 @@ class LocalSwarm:
         self.servers: list[subprocess.Popen] = []
         self.ready: list[dict] = []
         self.peers: list[str] = []
+        self._spawned: dict[int, float] = {}  # pid -> monotonic time it was started
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> LocalSwarm:
@@ -83,7 +84,9 @@ class LocalSwarm:
             self.start_server(i, start, end)
         for i, proc in enumerate(self.servers):
             self.progress(f"starting {len(self.spans)} servers", i, len(self.spans))
-            self.ready.append(json.loads(self._read_line(proc, f"server {i}")))
+            ready = json.loads(self._read_line(proc, f"server {i}"))
+            ready["seconds_process_to_announced"] = round(time.monotonic() - self._spawned[proc.pid], 3)
+            self.ready.append(ready)
         self.progress(f"starting {len(self.spans)} servers", len(self.spans), len(self.spans))
 
     def start_server(self, i: int, start: int, end: int, *extra: str) -> subprocess.Popen:
@@ -123,8 +126,10 @@ class LocalSwarm:
     def _spawn(self, *args: str) -> subprocess.Popen:
         log = open(self.workdir / f"{args[0]}-{len(self.servers)}.log", "w")  # noqa: SIM115 - lives with the process
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.server_env}
-        return subprocess.Popen(llmswarm_command(*args), stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        proc = subprocess.Popen(llmswarm_command(*args), stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                 start_new_session=True)  # Ctrl-C reaches only us; we stop them in order
+        self._spawned[proc.pid] = time.monotonic()
+        return proc
 
     def _read_line(self, proc: subprocess.Popen, what: str, timeout_s: float = START_TIMEOUT_S) -> str:
         assert proc.stdout is not None
