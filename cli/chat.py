@@ -29,6 +29,7 @@ class ChatOptions:
     solver: str
     prefer: str
     identity: str | None
+    step_timeout: float = 30.0
 
 
 def chat(
@@ -49,10 +50,12 @@ def chat(
     solver: str = typer.Option("nsga2", "--solver", help="Route solver: nsga2 | exact | dijkstra."),
     prefer: str = typer.Option("balanced", "--prefer", help="latency | throughput | balanced."),
     identity: str = typer.Option(None, "--identity", help="Key file for this node's peer id."),
+    step_timeout: float = typer.Option(30.0, "--step-timeout", min=0.1,
+                                       help="Seconds a server may take for one step before it is replaced."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     opts = ChatOptions(model, prompt, max_new_tokens, temperature, top_p, seed, dtype, device, max_length,
-                       system, json_out, _split_peers(peers), show_route, solver, prefer, identity)
+                       system, json_out, _split_peers(peers), show_route, solver, prefer, identity, step_timeout)
     if local:
         _chat_local(opts)
     else:

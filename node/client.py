@@ -17,12 +17,12 @@ from llmswarm.models.generate import GenerationResult, Sampler, Sampling, Steps
 from llmswarm.models.local import ClientModel, load_client_model
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import parse_dtype
-from llmswarm.routing import NoRouteError, SolveResult, solve
+from llmswarm.routing import Hop, NoRouteError, SolveResult, solve
 
 from . import config
 from .directory import Directory, open_directory
 from .host import Host, ephemeral_host
-from .session import open_session
+from .session import Bans, Replan, open_session
 from .snapshot import coverage_gaps, dial_records, live_records, measure_rtts, require_peers, to_snapshot
 
 CHAT_SOLVE_BUDGET_S = 0.3  # NSGA-II time budget when a chat picks its route
@@ -56,9 +56,10 @@ async def wait_for_coverage(directory: Directory, model: str, num_blocks: int,
 
 
 async def plan_route(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
-                     max_length: int, banned: frozenset[str] = frozenset()) -> tuple[SolveResult, dict[str, str]]:
+                     max_length: int, banned: frozenset[str] = frozenset(),
+                     coverage_wait_s: float = config.COVERAGE_WAIT_S) -> tuple[SolveResult, dict[str, str]]:
     name, num_blocks = model.spec.name, model.cfg.num_blocks
-    records = await wait_for_coverage(directory, name, num_blocks)
+    records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
     await dial_records(host, records)
     rtts = await measure_rtts(host, [r.peer_id for r in records])
     snapshot = to_snapshot(records, name, num_blocks, rtts)
@@ -66,6 +67,36 @@ async def plan_route(host: Host, directory: Directory, model: ClientModel, solve
                    time_budget_s=CHAT_SOLVE_BUDGET_S)
     names = {r.peer_id: r.public_name or r.peer_id[-8:] for r in records}
     return result, names
+
+
+def make_replan(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
+                max_length: int) -> Replan:
+    """How a session finds a new chain after a failure: without the banned servers, except those that
+    died and answer again (restarted), waiting up to FAILOVER_WAIT_S for a route to exist."""
+    name = model.spec.name
+
+    async def replan(bans: Bans) -> list[Hop]:
+        deadline = time.monotonic() + config.FAILOVER_WAIT_S
+        while True:
+            await directory.refresh()
+            if liftable := bans.liftable():
+                records = [r for r in live_records(directory.records(name), name) if r.peer_id in liftable]
+                for r in records:
+                    await host.disconnect(r.peer_id)
+                await dial_records(host, records)
+                for peer_id in await measure_rtts(host, [r.peer_id for r in records], count=1):
+                    bans.lift(peer_id)
+            try:
+                result, _ = await plan_route(host, directory, model, solver, prefer, max_length, bans.active(),
+                                             coverage_wait_s=0.0)
+                return result.chosen.chain
+            except NoRouteError as e:
+                if time.monotonic() > deadline:
+                    raise NoRouteError(f"no route for {name} without the failed servers after waiting "
+                                       f"{config.FAILOVER_WAIT_S:g} s ({e})") from None
+            await trio.sleep(0.5)
+
+    return replan
 
 
 def route_lines(result: SolveResult, names: dict[str, str]) -> list[str]:
@@ -93,8 +124,9 @@ async def _chat(opts: Any, model: ClientModel, ask: Callable[[], str | None], re
         if opts.show_route:
             render.route(route_lines(result, names))
         chain = result.chosen.chain
-        async with open_session(host, chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
-                                model.dtype) as session:
+        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length)
+        async with open_session(host, chain, model.spec.name, model.cfg.hidden_size, opts.max_length, model.dtype,
+                                replan=replan, notify=render.note, step_timeout_s=opts.step_timeout) as session:
             sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
             conv = Conversation(model.tokenizer, opts.system)
             while (text := await _next_turn(opts, ask)) is not None:

@@ -95,3 +95,5 @@ BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each furt
 # Run a step's compute on the server's event loop (True) or in a worker thread (False). Inline saves
 # two thread hand-offs per step per hop; the loop is busy for one step's compute (pings wait that long).
 SERVER_COMPUTE_INLINE = True
+MAX_RECOVERIES_PER_STEP = 4  # re-routes one step may attempt before the chat gives up with an error
+FAILOVER_WAIT_S = 30.0  # how long a chat waits for a route without its failed servers (or their return)

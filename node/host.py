@@ -109,6 +109,10 @@ class Host:
         if info.peer_id == self.libp2p.get_id():
             raise PeerError(f"{addr} is this node itself")
         self._forget_failed_dial(info.peer_id)
+        if not self.libp2p.get_network().get_connections(info.peer_id):
+            # A restarted peer listens elsewhere; libp2p would keep dialling the dead address it
+            # remembers and never try this one. We dial what we were told.
+            self.libp2p.get_peerstore().clear_addrs(info.peer_id)
         try:
             with trio.fail_after(timeout_s):
                 await self.libp2p.connect(info)
@@ -121,6 +125,15 @@ class Host:
         except Exception as e:
             raise PeerError(f"could not connect to {addr}: {_short(e)}") from None
         return info.peer_id.to_base58()
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Drop every connection to a peer (bounded, never raises): a peer that died and came back
+        must be dialled afresh, not reached through the dead connection libp2p still holds."""
+        with trio.move_on_after(config.CLOSE_TIMEOUT_S):
+            try:
+                await self.libp2p.get_network().close_peer(ID.from_base58(peer_id))
+            except Exception as e:  # noqa: BLE001 - best effort: the connection may already be gone
+                log.debug("disconnect %s: %s", peer_id[-8:], _short(e))
 
     async def open_stream(
         self, peer_id: str, protocol: str, *, timeout_s: float = config.STREAM_OPEN_TIMEOUT_S
