@@ -60,8 +60,9 @@ async def plan_route(host: Host, directory: Directory, model: ClientModel, solve
                      coverage_wait_s: float = config.COVERAGE_WAIT_S) -> tuple[SolveResult, dict[str, str]]:
     name, num_blocks = model.spec.name, model.cfg.num_blocks
     records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
-    await dial_records(host, records)
-    rtts = await measure_rtts(host, [r.peer_id for r in records])
+    usable = [r for r in records if r.peer_id not in banned]  # excluded anyway: no dial, no ping timeout
+    await dial_records(host, usable)
+    rtts = await measure_rtts(host, [r.peer_id for r in usable])
     snapshot = to_snapshot(records, name, num_blocks, rtts)
     result = solve(snapshot, solver=solver, prefer=prefer, seed=0, banned=banned, need_cache_tokens=max_length,
                    time_budget_s=CHAT_SOLVE_BUDGET_S)
@@ -79,13 +80,6 @@ def make_replan(host: Host, directory: Directory, model: ClientModel, solver: st
         deadline = time.monotonic() + config.FAILOVER_WAIT_S
         while True:
             await directory.refresh()
-            if liftable := bans.liftable():
-                records = [r for r in live_records(directory.records(name), name) if r.peer_id in liftable]
-                for r in records:
-                    await host.disconnect(r.peer_id)
-                await dial_records(host, records)
-                for peer_id in await measure_rtts(host, [r.peer_id for r in records], count=1):
-                    bans.lift(peer_id)
             try:
                 result, _ = await plan_route(host, directory, model, solver, prefer, max_length, bans.active(),
                                              coverage_wait_s=0.0)
@@ -94,7 +88,15 @@ def make_replan(host: Host, directory: Directory, model: ClientModel, solver: st
                 if time.monotonic() > deadline:
                     raise NoRouteError(f"no route for {name} without the failed servers after waiting "
                                        f"{config.FAILOVER_WAIT_S:g} s ({e})") from None
-            await trio.sleep(0.5)
+            # No route without them: has a server that died come back (restarted, same peer id)?
+            if liftable := bans.liftable():
+                records = [r for r in live_records(directory.records(name), name) if r.peer_id in liftable]
+                for r in records:
+                    await host.disconnect(r.peer_id)
+                await dial_records(host, records)
+                for peer_id in await measure_rtts(host, [r.peer_id for r in records], count=1):
+                    bans.lift(peer_id)
+            await trio.sleep(0.2)
 
     return replan
 

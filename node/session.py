@@ -136,6 +136,7 @@ class InferenceSession:
         """Replace hop i (and whatever the new route changes after the shared prefix), rebuild the
         replacements' caches by replaying the inputs the old hops were sent, and return where to
         resume: (index of the first new hop, this step's input to it)."""
+        started = time.monotonic()
         failed = self.spans[i].hop
         duration = self.bans.ban(failed.peer_id, refused=isinstance(error, RemoteError))
         self.notify(f"server {failed.peer_id[-8:]} failed on blocks {failed.start}:{failed.end} ({error}); "
@@ -149,8 +150,9 @@ class InferenceSession:
         t = step_input.shape[1]
         resume = step_input if k == i else old[k].history[position : position + t].unsqueeze(0).clone()
         past = old[k].history[:position].unsqueeze(0).clone()  # what hop k's blocks have seen so far
-        for s in old[k:]:
-            await s.stream.reset()  # the failed one may be hung: do not wait for a goodbye
+        for j in range(k, len(old)):
+            if j != i:  # the failed stream gets no goodbye: its peer is dead or hung (the server frees
+                await old[j].stream.reset()  # its cache on EOF or idle timeout); live ones are told now
         new = await _open_all(self.host, chain[k:], self.model, self.hidden_size, self.max_length, self.dtype)
         try:
             x = past
@@ -164,7 +166,7 @@ class InferenceSession:
         self.spans = old[:k] + new
         self.recoveries += 1
         names = " -> ".join(f"{h.peer_id[-8:]} [{h.start}:{h.end})" for h in chain[k:])
-        self.notify(f"recovered: replayed {position} tokens into {names}")
+        self.notify(f"recovered in {time.monotonic() - started:.2f} s: replayed {position} tokens into {names}")
         return k, resume
 
 
