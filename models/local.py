@@ -6,7 +6,6 @@ code a server runs, so a swarm's greedy output must match it token for token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,5 +70,3 @@ def load_local_chain(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu", 
     spans = [load_span(ckpt, a, b, dtype, device, progress) for a, b in zip(bounds, bounds[1:], strict=False)]
     return LocalChain(spans, max_length)
 
-
-RunBlocks = Callable[[torch.Tensor, int], torch.Tensor]

@@ -21,7 +21,7 @@ from llmswarm.routing import Hop, NoRouteError, SolveResult, solve
 
 from . import config
 from .directory import Directory, open_directory
-from .host import Host, ephemeral_host
+from .host import Host, ephemeral_host, open_host
 from .session import Bans, Replan, open_session
 from .snapshot import coverage_gaps, dial_records, live_records, measure_rtts, require_peers, to_snapshot
 
@@ -121,7 +121,9 @@ async def _chat(opts: Any, model: ClientModel, ask: Callable[[], str | None], re
     from .host import quiet_libp2p_logging
 
     quiet_libp2p_logging()
-    async with ephemeral_host() as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
+    # A client needs no stable peer id unless the user asks for one (--identity FILE).
+    host_cm = open_host(opts.identity) if opts.identity else ephemeral_host()
+    async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length)
         if opts.show_route:
             render.route(route_lines(result, names))
