@@ -36,6 +36,8 @@ def join(
     cache_tokens: int = typer.Option(32768, "--cache-tokens", min=16, help="KV-cache budget in tokens."),
     announce_period: float = typer.Option(30.0, "--announce-period", min=0.2, help="Seconds between announcements."),
     identity: str = typer.Option(None, "--identity", help="Key file (default: the user's data dir)."),
+    rebalance_period: float = typer.Option(120.0, "--rebalance-period", min=0.0,
+                                           help="Seconds between checks whether to move to weaker blocks (0: never)."),
     json_out: bool = typer.Option(False, "--json", help="Print the ready record as JSON on stdout."),
 ) -> None:
     """Serve a span of a model's blocks to the swarm until Ctrl-C."""
@@ -51,7 +53,7 @@ def join(
     opts = ServeOptions(model=model, blocks=_parse_blocks(blocks), num_blocks=num_blocks, peers=_split_peers(peers),
                         port=port, listen_host=host, device=device, dtype=dtype, public_name=public_name,
                         max_sessions=max_sessions, cache_tokens=cache_tokens, announce_period_s=announce_period,
-                        identity=identity)
+                        identity=identity, rebalance_period_s=rebalance_period)
     with output.progress(True) as report:
         trio.run(serve, opts, _JoinEvents(report, json_out))
 
@@ -76,6 +78,10 @@ class _JoinEvents:
             output.err.print(f"\r[dim]sessions {info['sessions']}  tokens served {info['tokens_served']}  "
                              f"{info['steps_per_s']:.1f} steps/s  cache left {info['cache_tokens_left']}[/dim]",
                              end="")
+
+    def moved(self, info: dict) -> None:
+        output.err.print(f"\n[green]moved[/green] from blocks {info['from']} to {info['to']}, "
+                         "where the swarm was weakest")
 
     def stopping(self) -> None:
         output.err.print("\nleaving the swarm (announcing offline)")

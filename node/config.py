@@ -97,3 +97,4 @@ BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each furt
 SERVER_COMPUTE_INLINE = True
 MAX_RECOVERIES_PER_STEP = 4  # re-routes one step may attempt before the chat gives up with an error
 FAILOVER_WAIT_S = 30.0  # how long a chat waits for a route without its failed servers (or their return)
+REBALANCE_PERIOD_S = 120.0  # a server checks this often whether moving would markedly help the swarm

@@ -51,10 +51,12 @@ class LocalSwarm:
     def __init__(self, model: str, spans: list[tuple[int, int]], *, announce_period_s: float = 5.0,
                  dtype: str | None = None, extra_join_args: tuple[str, ...] = (),
                  progress: Callable[[str, float, float | None], None] = lambda *a: None,
-                 workdir: str | None = None, server_env: dict[str, str] | None = None) -> None:
+                 workdir: str | None = None, server_env: dict[str, str] | None = None,
+                 rebalance_period_s: float = 0.0) -> None:
         self.model, self.spans = model, spans
         self.announce_period_s, self.dtype = announce_period_s, dtype
         self.extra_join_args = extra_join_args
+        self.rebalance_period_s = rebalance_period_s
         self.server_env = server_env if server_env is not None else _colocated_env()
         self.progress = progress
         self._tmp = tempfile.TemporaryDirectory(prefix="llmswarm-") if workdir is None else None
@@ -92,7 +94,9 @@ class LocalSwarm:
     def start_server(self, i: int, start: int, end: int, *extra: str) -> subprocess.Popen:
         args = ["join", "--model", self.model, "--blocks", f"{start}:{end}", "--peers", *self.peers,
                 "--identity", str(self.workdir / f"server{i}.key"), "--public-name", f"server{i}",
-                "--announce-period", str(self.announce_period_s), "--json", *self.extra_join_args, *extra]
+                "--announce-period", str(self.announce_period_s), "--json",
+                # servers sharing one machine measure each other's load: only move when asked to
+                "--rebalance-period", str(self.rebalance_period_s), *self.extra_join_args, *extra]
         if self.dtype:
             args += ["--dtype", self.dtype]
         proc = self._spawn(*args)

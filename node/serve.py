@@ -8,6 +8,7 @@ SIGTERM) announces "offline" before the process exits.
 
 from __future__ import annotations
 
+import random
 import signal
 import statistics
 import time
@@ -21,14 +22,14 @@ from llmswarm.models.checkpoint import Checkpoint, locate
 from llmswarm.models.families import family_of
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import Span, load_span, parse_dtype
-from llmswarm.routing.balance import choose_start
+from llmswarm.routing.balance import better_start, choose_start
 
 from . import config
 from .directory import Directory, announce_forever, open_directory
 from .errors import NodeError, PeerError
 from .health import HealthCollector
 from .host import Host, open_host
-from .records import ServerRecord
+from .records import ServerRecord, sign_record
 from .server import SpanServer
 from .snapshot import live_records
 
@@ -48,6 +49,7 @@ class ServeOptions:
     cache_tokens: int = config.DEFAULT_CACHE_TOKENS
     announce_period_s: float = config.ANNOUNCE_PERIOD_S
     identity: str | None = None
+    rebalance_period_s: float = config.REBALANCE_PERIOD_S  # 0 = never move
 
 
 class ServeEvents:
@@ -57,6 +59,7 @@ class ServeEvents:
     def ready(self, info: dict[str, Any]) -> None: ...
     def status(self, info: dict[str, Any]) -> None: ...
     def stopping(self) -> None: ...
+    def moved(self, info: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -111,6 +114,9 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                                    opts.announce_period_s)
                 nursery.start_soon(_measure_next_hops, host, directory, state, opts.announce_period_s)
                 nursery.start_soon(_report_status, server, events)
+                if opts.rebalance_period_s > 0:
+                    nursery.start_soon(_rebalance_forever, host, directory, state, ckpt, opts, dtype, events,
+                                       make_record)
                 events.ready({"peer_id": host.peer_id, "addrs": host.addrs, "model": spec.name, "start": start,
                               "end": end, "dtype": str(dtype).removeprefix("torch."),
                               "seconds_to_announce": round(time.monotonic() - joined_at, 3),
@@ -171,9 +177,8 @@ def _pick_span(opts: ServeOptions, ckpt: Checkpoint, directory: Directory, model
 
 async def _measure_next_hops(host: Host, directory: Directory, state: _State, period_s: float) -> None:
     """RTTs to the servers a chain may hand over to after us (their span holds our end block)."""
-    end = state.server.span.end
     while True:
-        model = state.server.model
+        model, end = state.server.model, state.server.span.end
         targets = [r for r in live_records(directory.records(model), model)
                    if r.start <= end < r.end and r.peer_id != host.peer_id]
         rtts = {}
@@ -186,6 +191,40 @@ async def _measure_next_hops(host: Host, directory: Directory, state: _State, pe
                 continue
         state.next_rtts = rtts
         await trio.sleep(min(period_s, 10.0) if not rtts and targets else period_s)
+
+
+async def _rebalance_forever(host: Host, directory: Directory, state: _State, ckpt: Checkpoint,
+                             opts: ServeOptions, dtype: torch.dtype, events: ServeEvents,
+                             make_record: Callable[[], ServerRecord]) -> None:
+    """Every period: would moving raise the swarm's weakest block markedly? Then load the new span
+    (the old one keeps serving meanwhile), swap it in, and announce at once. Never with sessions
+    open: a better place is not worth breaking someone's chat. The period is jittered and the
+    directory refreshed just before deciding, so two servers rarely both rush to the same gap."""
+    server = state.server
+    rng = random.Random(host.peer_id)
+    while True:
+        await trio.sleep(opts.rebalance_period_s * rng.uniform(0.5, 1.5))
+        if server.stats.sessions:
+            continue
+        await directory.refresh()
+        span = server.span
+        others = [(r.start, r.end, r.throughput) for r in live_records(directory.records(server.model), server.model)
+                  if r.peer_id != host.peer_id]
+        target = better_start(state.num_blocks, span.start, span.num_blocks, state.speed.throughput, others)
+        if target is None:
+            continue
+        end = target + span.num_blocks
+        events.progress(f"moving to blocks {target}:{end}", 0, None)
+        new = await trio.to_thread.run_sync(load_span, ckpt, target, end, dtype, opts.device, events.progress)
+        state.speed = await trio.to_thread.run_sync(measure_throughput, new)
+        old = (span.start, span.end)
+        server.span = new
+        try:
+            ttl_s = opts.announce_period_s * config.RECORD_TTL_FACTOR
+            await directory.publish(sign_record(make_record().stamped(ttl_s), host.private_key))
+        except NodeError:
+            pass  # the regular announcement follows within one period
+        events.moved({"from": f"{old[0]}:{old[1]}", "to": f"{target}:{end}"})
 
 
 async def _report_status(server: SpanServer, events: ServeEvents) -> None:

@@ -25,3 +25,24 @@ def choose_start(num_blocks: int, length: int, spans: Iterable[tuple[int, int, f
         raise ValueError(f"a span of {length} blocks does not fit a model of {num_blocks}")
     per_block = block_throughputs(num_blocks, spans)
     return min(range(num_blocks - length + 1), key=lambda s: (sorted(per_block[s : s + length]), s))
+
+
+def coverage_key(per_block: list[float]) -> tuple[int, float]:
+    """How healthy a swarm is, worst first: (uncovered blocks, weakest block's throughput)."""
+    return sum(1 for t in per_block if t <= 0), min(per_block) if per_block else 0.0
+
+
+def better_start(num_blocks: int, start: int, length: int, throughput: float,
+                 others: list[tuple[int, int, float]], min_gain: float = 1.5) -> int | None:
+    """Where a server at [start, start+length) should move, or None to stay.
+
+    It moves only if that covers more blocks, or raises the weakest block's throughput by at least
+    `min_gain` times: small differences are measurement noise, and a move costs a reload."""
+    target = choose_start(num_blocks, length, others)
+    if target == start:
+        return None
+    here = coverage_key(block_throughputs(num_blocks, [*others, (start, start + length, throughput)]))
+    there = coverage_key(block_throughputs(num_blocks, [*others, (target, target + length, throughput)]))
+    if there[0] < here[0] or (there[0] == here[0] and there[1] >= min_gain * here[1] > 0):
+        return target
+    return None
