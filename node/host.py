@@ -113,17 +113,9 @@ class Host:
             # A restarted peer listens elsewhere; libp2p would keep dialling the dead address it
             # remembers and never try this one. We dial what we were told.
             self.libp2p.get_peerstore().clear_addrs(info.peer_id)
-        try:
-            with trio.fail_after(timeout_s):
-                await self.libp2p.connect(info)
-        except trio.TooSlowError:
-            raise PeerError(
-                f"could not reach {addr} within {timeout_s:g} s: is the peer up and reachable?"
-            ) from None
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise PeerError(f"could not connect to {addr}: {_short(e)}") from None
+        await _bounded(self.libp2p.connect(info), timeout_s,
+                       slow=f"could not reach {addr} within {timeout_s:g} s: is the peer up and reachable?",
+                       failed=f"could not connect to {addr}")
         return info.peer_id.to_base58()
 
     async def disconnect(self, peer_id: str) -> None:
@@ -142,17 +134,9 @@ class Host:
         pid = ID.from_base58(peer_id)
         if not self.libp2p.get_network().get_connections(pid):
             self._forget_failed_dial(pid)
-        try:
-            with trio.fail_after(timeout_s):
-                raw = await self.libp2p.new_stream(pid, [TProtocol(protocol)])
-        except trio.TooSlowError:
-            raise PeerError(
-                f"peer {peer_id[-8:]} did not open a {protocol} stream within {timeout_s:g} s"
-            ) from None
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise PeerError(f"cannot open {protocol} to peer {peer_id[-8:]}: {_short(e)}") from None
+        raw = await _bounded(self.libp2p.new_stream(pid, [TProtocol(protocol)]), timeout_s,
+                             slow=f"peer {peer_id[-8:]} did not open a {protocol} stream within {timeout_s:g} s",
+                             failed=f"cannot open {protocol} to peer {peer_id[-8:]}")
         return FramedStream(raw)
 
     async def ping(
@@ -173,6 +157,19 @@ class Host:
             raise
         await stream.close()
         return rtts
+
+
+async def _bounded(call: Any, timeout_s: float, *, slow: str, failed: str) -> Any:
+    """Await a libp2p call under a deadline (traps 4 and 8); whatever goes wrong is one PeerError."""
+    try:
+        with trio.fail_after(timeout_s):
+            return await call
+    except trio.TooSlowError:
+        raise PeerError(slow) from None
+    except (trio.Cancelled, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise PeerError(f"{failed}: {_short(e)}") from None
 
 
 async def _guarded(handler: Handler, stream: FramedStream, protocol: str) -> None:

@@ -29,7 +29,6 @@ class ServerStats:
     sessions_total: int = 0
     tokens_served: int = 0  # new tokens run through the span (prefill + decode)
     steps: int = 0
-    step_seconds: float = 0.0
     errors: int = 0
     recent_steps: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # monotonic times
 
@@ -112,7 +111,6 @@ class SpanServer:
             await stream.send(reply)
 
     async def _run(self, span: Span, hidden: torch.Tensor, cache, position: int) -> torch.Tensor:
-        started = time.perf_counter()
         if config.SERVER_COMPUTE_INLINE:
             out = span.forward(hidden, cache, position)  # one step at a time: the loop is ours meanwhile
         else:
@@ -121,7 +119,6 @@ class SpanServer:
         s = self.stats
         s.steps += 1
         s.tokens_served += hidden.shape[1]
-        s.step_seconds += time.perf_counter() - started
         s.recent_steps.append(time.monotonic())
         return out
 

@@ -45,7 +45,7 @@ from .directory import is_live, open_directory
 from .errors import NodeError
 from .host import Host, ephemeral_host
 from .records import ServerRecord
-from .snapshot import coverage_gaps, dial_records, measure_rtts
+from .snapshot import coverage_gaps, dial_records, measure_rtts, require_peers
 
 STATUS_PING_COUNT = 2  # pings per server per refresh: enough for a live RTT, cheap every second
 GONE_KEEP_S = 60.0  # a watched server whose record expired stays listed as "gone" this long
@@ -115,15 +115,9 @@ async def _take(host: Host, d: Any, model: str | None, sizes: dict[str, int], re
     return build_status(records, rtts, model, sizes)
 
 
-def _check_peers(peers: list[str]) -> None:
-    if not peers:
-        raise NodeError("no peers to ask: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) "
-                        "or set LLMSWARM_PEERS")
-
-
 async def fetch_status(peers: list[str], model: str | None = None) -> dict[str, Any]:
     """One snapshot of the swarm (every model, or `model` only)."""
-    _check_peers(peers)
+    require_peers(peers)
     sizes = _wanted_sizes(model)
     async with ephemeral_host() as host, open_directory(host, peers, [model] if model else None, gossip=False) as d:
         return await _take(host, d, model, sizes, refresh=False)  # open_directory has just pulled
@@ -133,7 +127,7 @@ async def watch_status(peers: list[str], model: str | None, on_snapshot: Callabl
                        stopped: Callable[[], bool], period_s: float = 1.0) -> None:
     """Call `on_snapshot` with a fresh snapshot every `period_s` until `stopped()` is true.
     Servers whose records expired while we watch stay listed as "gone" for GONE_KEEP_S."""
-    _check_peers(peers)
+    require_peers(peers)
     sizes = _wanted_sizes(model)
     seen: dict[str, tuple[dict[str, Any], float]] = {}  # (model:peer_id) -> (last row, when last seen)
     async with ephemeral_host() as host, open_directory(host, peers, [model] if model else None, gossip=False) as d:
