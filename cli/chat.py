@@ -30,6 +30,8 @@ class ChatOptions:
     prefer: str
     identity: str | None
     step_timeout: float = 30.0
+    relay: bool = True
+    wire_dtype: str | None = None
 
 
 def chat(
@@ -52,10 +54,16 @@ def chat(
     identity: str = typer.Option(None, "--identity", help="Key file for this node's peer id."),
     step_timeout: float = typer.Option(30.0, "--step-timeout", min=0.1,
                                        help="Seconds a server may take for one step before it is replaced."),
+    relay: bool = typer.Option(True, "--relay/--no-relay",
+                               help="Servers pass hidden states straight to the next server (else via this client)."),
+    wire_dtype: str = typer.Option(None, "--wire-dtype",
+                                   help="float32 | bfloat16 | float16 for hidden states on the wire "
+                                        "(default: the model's dtype, lossless)."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     opts = ChatOptions(model, prompt, max_new_tokens, temperature, top_p, seed, dtype, device, max_length,
-                       system, json_out, _split_peers(peers), show_route, solver, prefer, identity, step_timeout)
+                       system, json_out, _split_peers(peers), show_route, solver, prefer, identity, step_timeout,
+                       relay, wire_dtype)
     if local:
         _chat_local(opts)
     else:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import trio
 from llmswarm.models.chat import ChatTurn, Conversation
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, Steps
@@ -21,9 +22,11 @@ from llmswarm.routing import Hop, NoRouteError, SolveResult, solve
 
 from . import config
 from .directory import Directory, open_directory
+from .errors import WireError
 from .host import Host, ephemeral_host, open_host
 from .session import Bans, Replan, open_session
 from .snapshot import coverage_gaps, dial_records, live_records, measure_rtts, require_peers, to_snapshot
+from .wire import DTYPES
 
 CHAT_SOLVE_BUDGET_S = 0.3  # NSGA-II time budget when a chat picks its route
 
@@ -107,9 +110,19 @@ def route_lines(result: SolveResult, names: dict[str, str]) -> list[str]:
             f"  {result.chosen.latency_s * 1000:.1f} ms/step estimated, {result.solver}: {result.reason}"]
 
 
+def wire_dtype(name: str | None) -> torch.dtype | None:
+    """--wire-dtype: None (the model's dtype) or one of the wire's dtypes; a clear error otherwise."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise WireError(f"unknown --wire-dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def run_chat(opts: Any, ask: Callable[[], str | None], render: Any, progress: Callable) -> None:
     """`llmswarm chat` without --local. `opts` is cli.chat.ChatOptions."""
     require_peers(opts.peers)
+    wire_dtype(opts.wire_dtype)  # fail before loading anything
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     with progress(not opts.json_out) as report:
@@ -130,7 +143,8 @@ async def _chat(opts: Any, model: ClientModel, ask: Callable[[], str | None], re
         chain = result.chosen.chain
         replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length)
         async with open_session(host, chain, model.spec.name, model.cfg.hidden_size, opts.max_length, model.dtype,
-                                replan=replan, notify=render.note, step_timeout_s=opts.step_timeout) as session:
+                                replan=replan, notify=render.note, step_timeout_s=opts.step_timeout,
+                                relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
             sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
             conv = Conversation(model.tokenizer, opts.system)
             while (text := await _next_turn(opts, ask)) is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 # --------------------------------------------------------------------------------------------------
 PROTOCOL_PING = "/llmswarm/ping/1"
 PROTOCOL_RECORDS = "/llmswarm/records/1"  # RECORDS_GET -> RECORDS, RECORD_PUT -> ACK
-PROTOCOL_INFERENCE = "/llmswarm/inference/1"  # reserved for node/server.py and node/session.py
+PROTOCOL_INFERENCE = "/llmswarm/inference/2"  # reserved for node/server.py and node/session.py
 GOSSIP_PROTOCOL = "/meshsub/1.0.0"
 
 # --------------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no step for this long is closed
 # --------------------------------------------------------------------------------------------------
 # Wire format (node/wire.py)
 # --------------------------------------------------------------------------------------------------
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: relay (LINK/ATTACH), step seq numbers, wire dtype
 MAX_HEADER_BYTES = 64 * 1024  # JSON header of one frame
 MAX_FRAME_BODY_BYTES = 256 * 1024 * 1024  # raw body of one frame (a long prefill of a wide model)
 MAX_TENSOR_RANK = 8
@@ -95,6 +95,19 @@ BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each furt
 # Run a step's compute on the server's event loop (True) or in a worker thread (False). Inline saves
 # two thread hand-offs per step per hop; the loop is busy for one step's compute (pings wait that long).
 SERVER_COMPUTE_INLINE = True
+# Iteration-level batching: when other sessions were active lately, the scheduler waits this long at
+# most (and never more than BATCH_WINDOW_FRACTION of a step's compute) for their decode steps to arrive,
+# then runs every waiting decode step through the span as one batch. A lone session never waits.
+BATCH_WINDOW_S = 0.003
+BATCH_WINDOW_FRACTION = 0.15
+BATCH_ACTIVE_S = 1.0  # a session that stepped this recently is expected to step again soon
+MAX_BATCH_SESSIONS = 64  # decode steps in one batch
+# Paged KV cache: a server's cache budget is a pool of pages of this many tokens, taken as sessions grow.
+PAGE_TOKENS = 16
+# Relay: clients link each server to the next so hidden states go server to server (config, not a
+# protocol constant: `chat --no-relay` turns it off per session).
+LINK_TIMEOUT_S = 5.0  # dial + ATTACH of one next hop
+RELAY_PING_TIMEOUT_S = 2.0  # after a relayed step times out, how long each hop has to answer a ping
 MAX_RECOVERIES_PER_STEP = 4  # re-routes one step may attempt before the chat gives up with an error
 FAILOVER_WAIT_S = 30.0  # how long a chat waits for a route without its failed servers (or their return)
 REBALANCE_PERIOD_S = 120.0  # a server checks this often whether moving would markedly help the swarm

@@ -86,6 +86,14 @@ class Host:
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self.libp2p.get_connected_peers()]
 
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        """Full multiaddrs (…/p2p/<id>) this host knows for a peer: what it can tell a third party."""
+        try:
+            known = self.libp2p.get_peerstore().addrs(ID.from_base58(peer_id))
+        except Exception:  # noqa: BLE001 - py-libp2p raises PeerStoreError for an unknown peer
+            return []
+        return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in map(str, known)][: config.MAX_RECORD_ADDRS]
+
     # -- handlers ----------------------------------------------------------------------------------
     def set_handler(self, protocol: str, handler: Handler) -> None:
         """Serve `protocol` with `handler(stream)`; see `_guarded` for what the wrapper guarantees."""

@@ -102,7 +102,7 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                 lambda: load_span(ckpt, start, end, dtype, opts.device, events.progress))
             events.progress("measuring throughput", 0, None)
             speed = await trio.to_thread.run_sync(measure_throughput, span)
-            server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens)
+            server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens, host=host)
             host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
             state = _State(server, speed, ckpt.config.num_blocks)
 
@@ -110,6 +110,7 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                 return state.record(host, spec.name, str(dtype).removeprefix("torch."), opts.public_name)
 
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.run)
                 nursery.start_soon(announce_forever, directory, make_record, host.private_key,
                                    opts.announce_period_s)
                 nursery.start_soon(_measure_next_hops, host, directory, state, opts.announce_period_s)

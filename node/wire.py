@@ -47,6 +47,10 @@ class MsgType(IntEnum):
     RECORDS = 11
     RECORD_PUT = 12
     ACK = 13
+    LINK = 14  # client -> server: forward relayed steps' outputs to the next server's session
+    LINKED = 15
+    ATTACH = 16  # server -> next server: this stream feeds session <id> (relayed STEPs)
+    ATTACHED = 17
 
 
 _TYPES = frozenset(int(t) for t in MsgType)
@@ -187,8 +191,11 @@ def decode_tensor(
 # --------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------
-def error_frame(code: str, message: str) -> Frame:
-    return Frame(MsgType.ERROR, {"code": str(code)[:64], "message": str(message)[:1024]})
+def error_frame(code: str, message: str, seq: int | None = None) -> Frame:
+    header: dict[str, Any] = {"code": str(code)[:64], "message": str(message)[:1024]}
+    if seq is not None:
+        header["seq"] = seq
+    return Frame(MsgType.ERROR, header)
 
 
 def raise_if_error(frame: Frame) -> Frame:
@@ -309,27 +316,48 @@ class _EOFInside(Exception):
 # --------------------------------------------------------------------------------------------------
 # Inference protocol (PROTOCOL_INFERENCE): one long-lived stream per (client session, server).
 #
-#   client                                   server
-#   OPEN {model, start, end, max_length}  ->
-#                                         <- OPENED {max_length, cache_tokens_left} | ERROR
-#   STEP {position, tensor} + body        ->   (repeated: prefill, then one token per step)
-#                                         <- OUTPUT {tensor} + body | ERROR
-#   CLOSE                                 ->
-#                                         <- CLOSED
+#   client                                        server
+#   OPEN {model, start, end, max_length,       ->
+#         wire_dtype, upstream}
+#                                              <- OPENED {session, max_length, cache_tokens_left} | ERROR
+#   LINK {seq, next: {peer_id, addrs, session}} ->     (optional: relay to the next server)
+#                                              <- LINKED {seq} | ERROR {seq}
+#   STEP {seq, position, relay, tensor} + body ->      (repeated: prefill, then one token per step)
+#                                              <- OUTPUT {seq, tensor[, relay_failed]} + body | ERROR {seq}
+#   CLOSE                                      ->
+#                                              <- CLOSED
+#
+# Relay: a server that holds a LINK and receives a STEP with relay=true sends its output as a STEP
+# (same seq, relay=true) to the next server over a stream that began with ATTACH {session} (accepted
+# only from the `upstream` peer the client named in OPEN, and only for that unguessable session id);
+# the last server of the run answers OUTPUT to the client on the client's own stream. Every OUTPUT and
+# ERROR goes to the client, whichever stream the STEP came in on. A server whose forward fails answers
+# OUTPUT with `relay_failed` and its own output, so the client carries on from there.
+#
 # A stream that ends without CLOSE is a failure on either side; an ERROR reply leaves the session
-# open unless its code is "closed". `position` is where the step's first token goes: below the
-# cache's length it rewinds the session there (replays, re-sent turns); above it is an error.
+# open. `position` is where the step's first token goes: below the cache's length it rewinds the
+# session there (replays, re-sent turns); above it is an error.
 # --------------------------------------------------------------------------------------------------
+SESSION_ID_CHARS = 32  # 16 random bytes, hex
+
+
 @dataclass(frozen=True)
 class OpenRequest:
     model: str
     start: int
     end: int
     max_length: int
+    wire_dtype: str | None = None  # dtype of the outputs this session wants; None: the input's dtype
+    upstream: str | None = None  # peer id allowed to ATTACH (the previous server of the chain)
 
     def frame(self) -> Frame:
-        return Frame(MsgType.OPEN, {"model": self.model, "start": self.start, "end": self.end,
-                                    "max_length": self.max_length})
+        header: dict[str, Any] = {"model": self.model, "start": self.start, "end": self.end,
+                                  "max_length": self.max_length}
+        if self.wire_dtype is not None:
+            header["wire_dtype"] = self.wire_dtype
+        if self.upstream is not None:
+            header["upstream"] = self.upstream
+        return Frame(MsgType.OPEN, header)
 
     @classmethod
     def parse(cls, frame: Frame) -> OpenRequest:
@@ -342,20 +370,81 @@ class OpenRequest:
         values = [h.get(k) for k in ("start", "end", "max_length")]
         if any(type(v) is not int for v in values):
             raise WireError("OPEN needs integer start, end and max_length")
-        return cls(model, *values)
+        wire_dtype = h.get("wire_dtype")
+        if wire_dtype is not None and wire_dtype not in DTYPES:
+            raise WireError(f"wire_dtype {wire_dtype!r} is not one of {', '.join(DTYPES)}")
+        upstream = h.get("upstream")
+        if upstream is not None and not (isinstance(upstream, str) and 0 < len(upstream) <= 128):
+            raise WireError("OPEN upstream must be a peer id")
+        return cls(model, *values, wire_dtype, upstream)
 
 
-def step_frame(position: int, hidden: torch.Tensor) -> tuple[Frame, torch.Tensor]:
+@dataclass(frozen=True)
+class NextHop:
+    """Where a server forwards relayed outputs: the next server and the session opened there."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    session: str
+
+    def frame(self, seq: int) -> Frame:
+        return Frame(MsgType.LINK, {"seq": seq, "next": {"peer_id": self.peer_id, "addrs": list(self.addrs),
+                                                         "session": self.session}})
+
+    @classmethod
+    def parse(cls, frame: Frame) -> NextHop:
+        nxt = frame.header.get("next")
+        if not isinstance(nxt, dict):
+            raise WireError("LINK needs next: {peer_id, addrs, session}")
+        peer_id, addrs, session = nxt.get("peer_id"), nxt.get("addrs"), nxt.get("session")
+        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
+            raise WireError("LINK next.peer_id must be a peer id")
+        if (not isinstance(addrs, list) or not 0 < len(addrs) <= config.MAX_RECORD_ADDRS
+                or not all(isinstance(a, str) and 0 < len(a) <= config.MAX_RECORD_STRING_CHARS for a in addrs)):
+            raise WireError(f"LINK next.addrs must be 1..{config.MAX_RECORD_ADDRS} multiaddrs")
+        return cls(peer_id, tuple(addrs), parse_session_id(session))
+
+
+def parse_session_id(value: Any) -> str:
+    if not (isinstance(value, str) and len(value) == SESSION_ID_CHARS
+            and all(c in "0123456789abcdef" for c in value)):
+        raise WireError("session id must be 32 lowercase hex characters")
+    return value
+
+
+def parse_seq(frame: Frame) -> int | None:
+    """The step/request number a client tagged a frame with (echoed in replies), or None."""
+    seq = frame.header.get("seq")
+    if seq is None:
+        return None
+    if type(seq) is not int or not 0 <= seq < 2**53:
+        raise WireError("seq must be a non-negative integer")
+    return seq
+
+
+def step_frame(position: int, hidden: torch.Tensor, seq: int | None = None,
+               relay: bool = False) -> tuple[Frame, torch.Tensor]:
     """A STEP frame, and the contiguous tensor its body views (keep it alive until sent)."""
     hidden = hidden.contiguous()
     meta, body = encode_tensor(hidden)
-    return Frame(MsgType.STEP, {"position": position, "tensor": meta}, body), hidden
+    header: dict[str, Any] = {"position": position, "tensor": meta}
+    if seq is not None:
+        header["seq"] = seq
+    if relay:
+        header["relay"] = True
+    return Frame(MsgType.STEP, header, body), hidden
 
 
-def output_frame(hidden: torch.Tensor) -> tuple[Frame, torch.Tensor]:
+def output_frame(hidden: torch.Tensor, seq: int | None = None,
+                 relay_failed: str | None = None) -> tuple[Frame, torch.Tensor]:
     hidden = hidden.contiguous()
     meta, body = encode_tensor(hidden)
-    return Frame(MsgType.OUTPUT, {"tensor": meta}, body), hidden
+    header: dict[str, Any] = {"tensor": meta}
+    if seq is not None:
+        header["seq"] = seq
+    if relay_failed is not None:
+        header["relay_failed"] = relay_failed[:1024]
+    return Frame(MsgType.OUTPUT, header, body), hidden
 
 
 def parse_step(frame: Frame, hidden_size: int, max_tokens: int) -> tuple[int, torch.Tensor]:

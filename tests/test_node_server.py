@@ -29,11 +29,14 @@ def _serve(folder, fn, **server_kw):
 
     async def main():
         async with open_host(port=0, key_pair=create_new_key_pair()) as srv, \
-                open_host(port=0, key_pair=create_new_key_pair()) as cli:
+                open_host(port=0, key_pair=create_new_key_pair()) as cli, trio.open_nursery() as nursery:
+            server.host = srv
+            nursery.start_soon(server.run)
             srv.set_handler(config.PROTOCOL_INFERENCE, server.handle)
             await cli.connect(srv.addrs[0])
             with trio.fail_after(30):
                 await fn(cli, srv.peer_id, span, server)
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
 
@@ -100,7 +103,8 @@ def test_bad_step_is_answered_and_good_session_continues(tiny_llama, case):
     _serve(tiny_llama, fn)
 
 
-@pytest.mark.parametrize("raw", [b"garbage bytes that are not a frame", b"LS\x01\x03" + b"\xff" * 8])
+@pytest.mark.parametrize("raw", [b"garbage bytes that are not a frame",
+                                 b"LS" + bytes([config.WIRE_VERSION, 3]) + b"\xff" * 8])
 def test_garbage_and_oversized_frames_are_refused(tiny_llama, raw):
     async def fn(cli, peer, span, server):
         good = await _open(cli, peer)

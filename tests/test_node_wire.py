@@ -85,15 +85,15 @@ def _frame_bytes(**over):
     "data",
     [
         _frame_bytes(magic=b"XX"),
-        _frame_bytes(version=2),
+        _frame_bytes(version=config.WIRE_VERSION + 1),
         _frame_bytes(type=200),
         _frame_bytes(hlen=config.MAX_HEADER_BYTES + 1),
         _frame_bytes(blen=config.MAX_FRAME_BODY_BYTES + 1),
         _frame_bytes(blen=4),  # announced length differs from data
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # garbage
         b"\x00" * 5,  # too short
-        PREFIX.pack(b"LS", 1, int(MsgType.PING), 3, 0) + b"\xff\xfe\x00",  # header not UTF-8 JSON
-        PREFIX.pack(b"LS", 1, int(MsgType.PING), 2, 0) + b"[]",  # header not an object
+        PREFIX.pack(b"LS", config.WIRE_VERSION, int(MsgType.PING), 3, 0) + b"\xff\xfe\x00",  # header not UTF-8 JSON
+        PREFIX.pack(b"LS", config.WIRE_VERSION, int(MsgType.PING), 2, 0) + b"[]",  # header not an object
     ],
 )
 def test_decode_frame_rejects(data):
@@ -154,7 +154,7 @@ def test_recv_reads_in_pieces_and_detects_truncation():
 
 def test_recv_rejects_oversized_frame_without_reading_body():
     async def main():
-        data = struct.pack(">2sBBII", b"LS", 1, int(MsgType.STEP), 2, config.MAX_FRAME_BODY_BYTES + 1) + b"{}"
+        data = struct.pack(">2sBBII", b"LS", config.WIRE_VERSION, int(MsgType.STEP), 2, config.MAX_FRAME_BODY_BYTES + 1) + b"{}"
         fake = _FakeStream(data + b"x" * 1000, chunk=1 << 20)
         with pytest.raises(WireError, match="exceeds"):
             await FramedStream(fake).recv(timeout_s=1)

@@ -1,0 +1,152 @@
+"""Iteration-level batching of decode steps across sessions (ORCA's idea, applied to one span).
+
+Each session's handler submits its step as a Job and waits. One scheduler task runs what is waiting:
+all waiting one-token steps of sessions that enter the span at the same blocks go through it as one
+batch, each attending to its own paged cache; a multi-token step (a prefill or a replay) runs alone.
+When other sessions stepped lately and their steps have not arrived yet, the scheduler waits a little
+for them (never more than a fraction of a step's compute); a lone session never waits.
+
+Compute runs inline on the event loop: the handlers have nothing to do until it finishes, and a
+thread hand-off per step costs more than it saves on CPU (see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import trio
+from llmswarm.models.span import Span
+
+from . import config
+
+
+@dataclass(eq=False)
+class Job:
+    owner: object  # the session, for "who was active lately"
+    span: Span  # the blocks this session runs (a server's span or a sub-span of it)
+    cache: object  # the session's PagedSequence
+    hidden: torch.Tensor  # [1, T, hidden]
+    position: int
+    done: trio.Event = field(default_factory=trio.Event)
+    out: torch.Tensor | None = None
+    error: BaseException | None = None
+    cancelled: bool = False  # the session closed before its step ran: skip it
+
+
+@dataclass
+class SchedulerStats:
+    batches: int = 0
+    steps: int = 0
+    batched_steps: int = 0  # steps that ran in a batch of more than one
+    largest_batch: int = 0
+    tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, window_s: float = config.BATCH_WINDOW_S, max_batch: int = config.MAX_BATCH_SESSIONS,
+                 on_step: object = None) -> None:
+        self.window_s, self.max_batch = window_s, max_batch
+        self.pending: list[Job] = []
+        self._arrived = trio.Event()
+        self.last_active: dict[object, float] = {}
+        self.compute_s = 0.0  # moving average of one batch's compute time
+        self.stats = SchedulerStats()
+        self.on_step = on_step  # called with (steps, tokens) after each batch (server statistics)
+
+    async def run(self, job: Job) -> torch.Tensor:
+        """Queue a step and wait for its output (raises what its compute raised)."""
+        self.pending.append(job)
+        self._arrived.set()
+        try:
+            await job.done.wait()
+        finally:
+            if not job.done.is_set():  # our handler was cancelled: never compute into a freed cache
+                job.cancelled = True
+                if job in self.pending:
+                    self.pending.remove(job)
+        if job.error is not None:
+            raise job.error
+        assert job.out is not None
+        return job.out
+
+    def forget(self, owner: object) -> None:
+        self.last_active.pop(owner, None)
+
+    async def serve(self) -> None:
+        """The scheduler task: runs forever in the server's nursery."""
+        while True:
+            if not self.pending:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+            await self._gather()
+            batch = self._take()
+            if batch:
+                self._compute(batch)
+            await trio.lowlevel.checkpoint()  # let handlers send outputs and read the next steps
+
+    async def _gather(self) -> None:
+        """Wait briefly for the steps of other recently active sessions, when there are any."""
+        if self.window_s <= 0 or self.pending[0].hidden.shape[1] != 1:
+            return
+        now = time.monotonic()
+        for owner in [o for o, t in self.last_active.items() if now - t > config.BATCH_ACTIVE_S]:
+            del self.last_active[owner]
+        expected = len(self.last_active.keys() | {j.owner for j in self.pending})
+        if len(self.pending) >= expected:
+            return
+        deadline = now + min(self.window_s, config.BATCH_WINDOW_FRACTION * self.compute_s)
+        while len(self.pending) < expected:
+            self._arrived = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._arrived.wait()
+            if time.monotonic() >= deadline:
+                return
+
+    def _take(self) -> list[Job]:
+        self.pending = [j for j in self.pending if not j.cancelled]
+        if not self.pending:
+            return []
+        first = self.pending[0]
+        if first.hidden.shape[1] != 1:
+            batch = [first]
+        else:
+            key = (first.span.start, first.span.end)
+            batch = [j for j in self.pending
+                     if j.hidden.shape[1] == 1 and (j.span.start, j.span.end) == key][: self.max_batch]
+        taken = set(map(id, batch))
+        self.pending = [j for j in self.pending if id(j) not in taken]
+        return batch
+
+    def _compute(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            if len(batch) == 1:
+                j = batch[0]
+                j.out = j.span.forward(j.hidden, j.cache, j.position)
+            else:
+                hidden = torch.cat([j.hidden for j in batch])
+                out = batch[0].span.forward_batch(hidden, [j.cache for j in batch], [j.position for j in batch])
+                for b, j in enumerate(batch):
+                    j.out = out[b : b + 1]
+        except Exception as e:  # noqa: BLE001 - one bad batch fails its own steps, never the server
+            for j in batch:
+                j.error = e
+        elapsed = time.perf_counter() - started
+        self.compute_s = elapsed if self.compute_s == 0 else 0.8 * self.compute_s + 0.2 * elapsed
+        now = time.monotonic()
+        tokens = 0
+        for j in batch:
+            self.last_active[j.owner] = now
+            tokens += j.hidden.shape[1]
+            j.done.set()
+        s = self.stats
+        s.batches += 1
+        s.steps += len(batch)
+        s.tokens += tokens
+        s.largest_batch = max(s.largest_batch, len(batch))
+        if len(batch) > 1:
+            s.batched_steps += len(batch)
+        if self.on_step is not None:
+            self.on_step(len(batch), tokens)  # type: ignore[operator]
