@@ -1,0 +1,232 @@
+"""Relay, batching and paging through real libp2p hosts on 127.0.0.1 (in-process servers, tiny Llama):
+outputs equal the span run locally, bit for bit, whether hidden states go server to server or back
+through the client, one session at a time or many at once; a dead next hop falls back to the client
+and failover still recovers; a full cache is answered with a clear error while others carry on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.span import load_span
+from llmswarm.node import config
+from llmswarm.node.errors import PeerError, RemoteError
+from llmswarm.node.host import open_host, quiet_libp2p_logging
+from llmswarm.node.server import SpanServer
+from llmswarm.node.session import open_session
+from llmswarm.node.wire import Frame, MsgType, OpenRequest
+from llmswarm.routing import Hop
+
+quiet_libp2p_logging()
+MODEL = "tiny"
+H = 64
+
+
+class Swarm:
+    """N server hosts, each serving one span, and one client host connected to all of them."""
+
+    def __init__(self, spans, servers, hosts, client, nursery):
+        self.spans, self.servers, self.hosts, self.client, self.nursery = spans, servers, hosts, client, nursery
+
+    def chain(self, *indices: int) -> list[Hop]:
+        return [Hop(self.hosts[i].peer_id, self.spans[i].start, self.spans[i].end) for i in indices]
+
+
+def _run(folder, bounds, fn, **server_kw):
+    """Servers for spans `bounds` [(a, b), ...] of the tiny checkpoint; fn(swarm, local_span)."""
+    ckpt = Checkpoint.open(folder)
+    whole = load_span(ckpt, 0, ckpt.config.num_blocks, torch.float32)
+    spans = [load_span(ckpt, a, b, torch.float32) for a, b in bounds]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            hosts, servers, scopes = [], [], []
+            for span in spans:
+                scope = trio.CancelScope()
+                started = trio.Event()
+
+                async def serve(span=span, scope=scope, started=started):
+                    with scope:
+                        async with open_host(port=0, key_pair=create_new_key_pair()) as host, \
+                                trio.open_nursery() as inner:
+                            server = SpanServer(MODEL, span, host=host, **server_kw)
+                            inner.start_soon(server.run)
+                            host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
+                            hosts.append(host)
+                            servers.append(server)
+                            started.set()
+                            await trio.sleep_forever()
+
+                nursery.start_soon(serve)
+                await started.wait()
+                scopes.append(scope)
+            async with open_host(port=0, key_pair=create_new_key_pair()) as client:
+                for h in hosts:
+                    await client.connect(h.addrs[0])
+                swarm = Swarm(spans, servers, hosts, client, nursery)
+                swarm.stop = lambda i: scopes[i].cancel()  # the server's host goes away, streams reset
+                with trio.fail_after(60):
+                    await fn(swarm, whole)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def _local(whole, x, steps):
+    cache = whole.new_cache(64)
+    outs = [whole.forward(x, cache, 0)]
+    for p, tok in steps:
+        outs.append(whole.forward(tok, cache, p))
+    return outs
+
+
+@pytest.mark.parametrize("relay", [True, False])
+def test_relayed_chain_equals_local_span(tiny_llama, relay):
+    async def fn(swarm, whole):
+        x = torch.randn(1, 5, H)
+        steps = [(5 + i, torch.randn(1, 1, H)) for i in range(6)]
+        async with open_session(swarm.client, swarm.chain(0, 1, 2), MODEL, H, 64, torch.float32,
+                                relay=relay) as s:
+            outs = [await s.step(x, 0)]
+            for p, tok in steps:
+                outs.append(await s.step(tok, p))
+            assert s.relayed_pairs == (2 if relay else 0)
+        for remote, local in zip(outs, _local(whole, x, steps), strict=True):
+            torch.testing.assert_close(remote, local, rtol=0, atol=0)
+        relayed = [srv.stats.relayed for srv in swarm.servers]
+        assert relayed == ([7, 7, 0] if relay else [0, 0, 0])
+
+    _run(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
+
+
+def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama):
+    """Server 1 dies after the chain is linked: server 0's forward fails, it hands its output to the
+    client, which finds server 1 dead, re-routes to the spare (server 3, same blocks), replays, and
+    the outputs stay equal to the local span's."""
+    notes: list[str] = []
+
+    async def fn(swarm, whole):
+        async def replan(bans):
+            assert swarm.hosts[1].peer_id in bans.active()
+            return swarm.chain(0, 3, 2)
+
+        x = torch.randn(1, 4, H)
+        steps = [(4 + i, torch.randn(1, 1, H)) for i in range(5)]
+        async with open_session(swarm.client, swarm.chain(0, 1, 2), MODEL, H, 64, torch.float32,
+                                replan=replan, notify=notes.append, step_timeout_s=5) as s:
+            outs = [await s.step(x, 0)]
+            for n, (p, tok) in enumerate(steps):
+                if n == 2:
+                    swarm.stop(1)
+                    await trio.sleep(0.2)
+                outs.append(await s.step(tok, p))
+            assert s.recoveries == 1
+            assert [h.peer_id for h in s.chain] == [swarm.hosts[i].peer_id for i in (0, 3, 2)]
+            assert s.relayed_pairs == 2  # re-linked after the recovery
+        for remote, local in zip(outs, _local(whole, x, steps), strict=True):
+            torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)  # replayed as one prefill
+
+    _run(tiny_llama, [(0, 2), (2, 4), (4, 6), (2, 4)], fn)
+    assert any("recovered" in n for n in notes)
+
+
+def test_concurrent_sessions_are_batched_and_each_equals_its_local_run(tiny_llama):
+    async def fn(swarm, whole):
+        n, steps = 6, 8
+        prompts = [torch.randn(1, 3 + i, H) for i in range(n)]
+        tokens = [[torch.randn(1, 1, H) for _ in range(steps)] for _ in range(n)]
+        results: dict[int, list[torch.Tensor]] = {}
+
+        async def one(i):
+            async with open_session(swarm.client, swarm.chain(0, 1), MODEL, H, 64, torch.float32) as s:
+                outs = [await s.step(prompts[i], 0)]
+                for k, tok in enumerate(tokens[i]):
+                    outs.append(await s.step(tok, prompts[i].shape[1] + k))
+                results[i] = outs
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        for i in range(n):
+            local = _local(whole, prompts[i], [(prompts[i].shape[1] + k, t) for k, t in enumerate(tokens[i])])
+            for remote, ref in zip(results[i], local, strict=True):
+                torch.testing.assert_close(remote, ref, rtol=1e-5, atol=1e-5)
+        stats = [srv.scheduler.stats for srv in swarm.servers]
+        assert all(s.batched_steps > 0 and s.largest_batch > 1 for s in stats), stats
+        assert all(srv.cache_tokens_left == srv.cache_tokens for srv in swarm.servers)  # every page back
+
+    _run(tiny_llama, [(0, 3), (3, 6)], fn)
+
+
+def test_full_cache_is_a_clear_error_and_others_carry_on(tiny_llama):
+    async def fn(swarm, whole):
+        server = swarm.servers[0]
+        assert server.cache_tokens == 64  # 4 pages of 16
+        async with open_session(swarm.client, swarm.chain(0), MODEL, H, 64, torch.float32) as a:
+            await a.step(torch.randn(1, 40, H), 0)  # 3 pages
+            assert server.cache_tokens_left == 16
+            async with open_session(swarm.client, swarm.chain(0), MODEL, H, 64, torch.float32) as b:
+                await b.step(torch.randn(1, 10, H), 0)  # the last page
+                with pytest.raises(RemoteError) as err:
+                    await b.step(torch.randn(1, 10, H), 10)  # needs a second page: none left
+                assert err.value.code == "cache_full" and "page" in str(err.value)
+                out = await a.step(torch.randn(1, 1, H), 40)  # a still has room in its pages
+                assert out.shape == (1, 1, H)
+            assert server.cache_tokens_left == 16  # b's page came back when b closed
+        assert server.cache_tokens_left == 64
+
+    _run(tiny_llama, [(0, 6)], fn, cache_tokens=64)
+
+
+def test_attach_is_refused_from_another_peer_or_for_an_unknown_session(tiny_llama):
+    async def fn(swarm, whole):
+        # a session on server 1 that names server 0 as its upstream
+        s1 = await swarm.client.open_stream(swarm.hosts[1].peer_id, config.PROTOCOL_INFERENCE)
+        opened = await s1.request(OpenRequest(MODEL, 2, 4, 32, upstream=swarm.hosts[0].peer_id).frame())
+        session = opened.header["session"]
+        for sid in (session, "0" * 32):  # the client is not server 0; an unknown id gets the same answer
+            stream = await swarm.client.open_stream(swarm.hosts[1].peer_id, config.PROTOCOL_INFERENCE)
+            with pytest.raises(RemoteError) as err:
+                await stream.request(Frame(MsgType.ATTACH, {"session": sid}))
+            assert err.value.code == "unknown_session"
+        bad = await swarm.client.open_stream(swarm.hosts[1].peer_id, config.PROTOCOL_INFERENCE)
+        with pytest.raises(RemoteError) as err:
+            await bad.request(Frame(MsgType.ATTACH, {"session": "not hex"}))
+        assert err.value.code == "bad_request"
+        # a LINK to nowhere is answered with an error, and the session still serves steps
+        await s1.send(Frame(MsgType.LINK, {"seq": 1, "next": {"peer_id": swarm.hosts[2].peer_id,
+                                                              "addrs": ["/ip4/127.0.0.1/tcp/1"],
+                                                              "session": "0" * 32}}))
+        reply = await s1.recv()
+        assert reply.type == MsgType.ERROR and reply.header["seq"] == 1
+
+    _run(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
+
+
+def test_wire_dtype_bfloat16_is_close_and_announced_in_frames(tiny_llama):
+    async def fn(swarm, whole):
+        x = torch.randn(1, 5, H)
+        async with open_session(swarm.client, swarm.chain(0, 1), MODEL, H, 64, torch.float32,
+                                wire_dtype=torch.bfloat16) as s:
+            out = await s.step(x, 0)
+        assert out.dtype == torch.float32
+        local = _local(whole, x, [])[0]
+        diff = (out - local).abs().max().item()
+        assert 0 < diff < 0.1 * local.abs().max().item()  # rounded on the wire, not garbage
+
+    _run(tiny_llama, [(0, 3), (3, 6)], fn)
+
+
+def test_a_session_with_a_dead_first_hop_raises_peer_error(tiny_llama):
+    async def fn(swarm, whole):
+        async with open_session(swarm.client, swarm.chain(0, 1), MODEL, H, 64, torch.float32,
+                                step_timeout_s=3) as s:
+            await s.step(torch.randn(1, 2, H), 0)
+            swarm.stop(0)
+            await trio.sleep(0.2)
+            with pytest.raises(PeerError):
+                await s.step(torch.randn(1, 1, H), 2)
+
+    _run(tiny_llama, [(0, 3), (3, 6)], fn)
