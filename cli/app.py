@@ -49,6 +49,7 @@ def _register() -> None:
     app.command("probe")(probe.probe)
     app.command("status")(status.status)
     bench_app.command("swarm")(bench.bench_swarm)
+    bench_app.command("server")(bench.bench_server)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built
@@ -107,6 +108,10 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - the one place errors are translated for people
         import click
 
+        try:  # typer >= 0.29 vendors its own click: its usage errors are not the installed click's
+            from typer._click.exceptions import ClickException as TyperClickException
+        except ImportError:
+            TyperClickException = click.ClickException  # noqa: N806
         exc = _unwrap(exc)
         if isinstance(exc, KeyboardInterrupt):
             output.err.print("interrupted")
@@ -115,7 +120,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(EXIT_INTERRUPTED)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, click.ClickException | TyperClickException):
             exc.show()
             sys.exit(exc.exit_code)
         code = _exit_code(exc)

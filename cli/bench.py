@@ -1,4 +1,5 @@
-"""`llmswarm bench swarm`: the swarm against a local run of the same model, in one run."""
+"""`llmswarm bench swarm`: the swarm against a local run of the same model, in one run.
+`llmswarm bench server`: one server's aggregate decode tokens/s with 1, 4, 16 concurrent sessions."""
 
 from __future__ import annotations
 
@@ -38,3 +39,46 @@ def bench_swarm(
                          + ", ".join(f"{s:.1f} s" for s in r["seconds_join_to_announced"])
                          + " (process start -> announced: "
                          + ", ".join(f"{s:.1f} s" for s in r["seconds_process_start_to_announced"]) + ")")
+
+
+def bench_server(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or folder."),
+    sessions: str = typer.Option("1,4,16", "--sessions", "-n", help="Concurrent session counts, comma-separated."),
+    tokens: int = typer.Option(32, "--tokens", "-t", min=1, max=4000, help="Decode steps per session."),
+    seconds: float = typer.Option(None, "--seconds", min=0.1, max=600,
+                                  help="Decode for this long per session count instead of --tokens steps."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1, max=4000, help="Prefill length per session."),
+    dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Aggregate decode tokens/s of ONE server holding the whole model, with N concurrent sessions."""
+    from llmswarm.node.bench import bench_server as run
+
+    try:
+        counts = [int(x) for x in sessions.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("--sessions takes comma-separated integers, e.g. 1,4,16") from None
+    if not counts or min(counts) < 1 or max(counts) > 256:
+        raise typer.BadParameter("--sessions takes counts from 1 to 256, e.g. 1,4,16")
+    with output.progress(not json_out) as report:
+        r = run(model, counts, None if seconds else tokens, seconds, prompt_tokens, dtype, progress=report)
+    if json_out:
+        output.print_json(r)
+        return
+    from rich.table import Table
+
+    length = f"{r['seconds']:g} s" if r["seconds"] else f"{r['tokens']} steps"
+    t = Table(title=f"one server, {r['model']} {r['dtype']} (all {r['blocks']} blocks): prefill "
+                    f"{r['prompt_tokens']} tokens, then decode {length} per session")
+    for col in ("sessions", "tokens/s (all)", "tokens/s per session", "step ms mean", "median", "p90",
+                f"speedup vs {r['speedup_baseline_sessions']}"):
+        t.add_column(col, justify="right")
+    for row in r["runs"]:
+        t.add_row(str(row["sessions"]), f"{row['aggregate_tokens_per_s']:.1f}",
+                  f"{row['per_session_tokens_per_s']:.2f}", f"{row['step_ms_mean']:.1f}",
+                  f"{row['step_ms_median']:.1f}", f"{row['step_ms_p90']:.1f}", f"{row['speedup']:.2f}x")
+    output.console.print(t)
+    same = max(row["max_abs_diff_vs_single"] for row in r["runs"])
+    output.console.print(f"server's own in-process decode at start-up: {r['server_in_process_tokens_per_s']:.1f} "
+                         f"tokens/s (one session, no network)   outputs vs a lone session: max |diff| {same:.2e}   "
+                         f"bench {r['bench_seconds']:.1f} s")

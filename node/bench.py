@@ -32,7 +32,7 @@ from llmswarm.routing import Hop
 from . import config
 from .client import drive
 from .directory import open_directory
-from .errors import NodeError, PeerError
+from .errors import PeerError
 from .host import Host, ephemeral_host, quiet_libp2p_logging
 from .local_swarm import LocalSwarm, even_spans
 from .session import open_session
@@ -180,8 +180,8 @@ async def _concurrent_sessions(host: Host, hop: Hop, model: str, n: int, prompt:
             deadline = t0 + seconds if seconds is not None else None
             lat = latencies[i]
             for k in range(steps_wanted):
-                if deadline is not None and time.perf_counter() >= deadline:
-                    break
+                if deadline is not None and k and time.perf_counter() >= deadline:
+                    break  # every session decodes at least one step, however short the time
                 started = time.perf_counter()
                 out = await session.step(step, p + k)
                 lat.append(time.perf_counter() - started)
@@ -274,8 +274,6 @@ def bench_server(model: str = "smollm2-135m", sessions: Sequence[int] = SERVER_S
         started = time.perf_counter()
         warm, rows = trio.run(run)
         bench_s = time.perf_counter() - started
-    if not all(r["decode_tokens"] > 0 for r in rows):
-        raise NodeError("a session decoded no tokens: give more --seconds")
     reference = warm["_first_outputs"][0]
     base = rows[0]["aggregate_tokens_per_s"]
     for r in rows:
@@ -288,6 +286,7 @@ def bench_server(model: str = "smollm2-135m", sessions: Sequence[int] = SERVER_S
         "model": ready["model"], "dtype": str(torch_dtype).removeprefix("torch."), "blocks": cfg.num_blocks,
         "hidden_size": cfg.hidden_size, "prompt_tokens": prompt_tokens, "tokens": tokens, "seconds": seconds,
         "session_max_length": max_length, "warmup_steps": warmup_steps, "speedup_baseline_sessions": ns[0],
+        "reference_output_abs_max": float(reference.abs().max()),  # the scale max_abs_diff_vs_single is on
         # The server's own measurement at start-up: one session's decode steps in-process, no network.
         "server_in_process_tokens_per_s": ready.get("throughput"),
         "seconds_process_start_to_announced": ready.get("seconds_process_to_announced"),

@@ -52,6 +52,29 @@ def test_two_clients_at_once_both_match_local(swarm, local_answer):
         assert json.loads(out)["token_ids"] == local_answer["token_ids"]
 
 
+def test_no_relay_matches_local_and_wire_bfloat16_runs(swarm, local_answer):
+    assert chat_json("--peers", swarm.peers[0], "--no-relay")["token_ids"] == local_answer["token_ids"]
+    res = cli("chat", "--prompt", PROMPT, "--json", "-n", "24", "--peers", swarm.peers[0], "--wire-dtype", "bfloat16")
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in json.loads(res.stdout)["text"]  # rounded on the wire: close, not necessarily identical
+    res = cli("chat", "--prompt", PROMPT, "--peers", swarm.peers[0], "--wire-dtype", "int8")
+    assert res.returncode != 0 and "--wire-dtype" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_four_clients_with_two_prompts_at_once_match_local(swarm, local_answer):
+    """Concurrent sessions are batched on every server; each answer still equals its local run."""
+    other = "Name three primary colors."
+    reference = {PROMPT: local_answer["token_ids"],
+                 other: json.loads(cli("chat", "--local", "--prompt", other, "--json", "-n", "24").stdout)["token_ids"]}
+    prompts = [PROMPT, other, PROMPT, other]
+    procs = [subprocess.Popen(llmswarm_command("chat", "--prompt", p, "--json", "-n", "24", "--peers", swarm.peers[0]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in prompts]
+    for p, prompt in zip(procs, prompts, strict=True):
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        assert json.loads(out)["token_ids"] == reference[prompt]
+
+
 def test_show_route_names_the_chain(swarm):
     res = cli("chat", "--prompt", PROMPT, "-n", "4", "--peers", swarm.peers[0], "--show-route", "--solver", "exact")
     assert res.returncode == 0, res.stderr

@@ -1,0 +1,54 @@
+"""`bench server` (one real server process, concurrent sessions) and `bench route` as registered in the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from llmswarm.node import config
+from llmswarm.node.bench import _server_args, bench_server
+from llmswarm.node.local_swarm import llmswarm_command
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(llmswarm_command(*args), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_bench_server_on_a_tiny_model(tiny_llama):
+    seen = []
+    r = bench_server(str(tiny_llama), sessions=(4, 1), tokens=6, prompt_tokens=8, warmup_steps=2,
+                     progress=lambda task, done, total, *a: seen.append(task))
+    assert [row["sessions"] for row in r["runs"]] == [1, 4]  # sorted: the first is the speedup's baseline
+    assert r["blocks"] == 6 and r["prompt_tokens"] == 8 and r["speedup_baseline_sessions"] == 1
+    for row in r["runs"]:
+        assert row["aggregate_tokens_per_s"] > 0 and row["per_session_tokens_per_s"] > 0
+        assert row["decode_tokens"] == 6 * row["sessions"]
+        assert 0 < row["step_ms_median"] <= row["step_ms_p90"] and row["step_ms_mean"] > 0
+        assert row["max_abs_diff_vs_single"] < 1e-4  # same input, same position: same output
+    assert r["runs"][0]["speedup"] == 1.0
+    assert "4 concurrent sessions" in seen and "warming up" in seen
+    json.dumps(r)  # the record is plain data: what --json prints
+
+
+def test_server_limits_are_raised_only_when_needed():
+    assert _server_args(16, 64) == ()
+    args = _server_args(config.DEFAULT_MAX_SESSIONS + 1, config.DEFAULT_CACHE_TOKENS)
+    assert args[:2] == ("--max-sessions", str(config.DEFAULT_MAX_SESSIONS + 1)) and "--cache-tokens" in args
+
+
+def test_bench_server_bad_sessions_is_a_usage_error():
+    res = cli("bench", "server", "--sessions", "1,x", timeout=60)
+    assert res.returncode != 0 and "--sessions" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bench_route_json_through_the_cli():
+    res = cli("bench", "route", "--json", "--sizes", "30", "--blocks", "12", "--seeds", "0", "--time-budget", "0.2",
+              timeout=60)
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    (run,) = rec["runs"]
+    assert run["servers"] > 0 and run["dijkstra_matches_exact"] and 0 < run["hv_ratio"] <= 1.0 + 1e-9
+    assert run["exact_time_s"] >= 0 and run["nsga2_time_s"] > 0 and rec["summary"][0]["seeds"] == [0]
