@@ -11,9 +11,8 @@ import math
 import torch
 from torch import nn
 
-from .attention import StepContext, attend, causal_bool_mask
+from .attention import KVStore, StepContext, attend, causal_bool_mask
 from .config import ModelConfig
-from .kv_cache import KVCache
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +28,7 @@ class Attention(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVStore, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         # fused layout: [B, T, heads, (q, k, v), head_dim]
         qkv = self.query_key_value(x).view(b, t, self.n_heads, 3, self.head_dim)
@@ -56,7 +55,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_ln_residual = cfg.residual_post_layernorm
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVStore, layer: int) -> torch.Tensor:
         h = self.input_layernorm(x)
         x = (h if self.post_ln_residual else x) + self.self_attention(h, ctx, cache, layer)
         h = self.post_attention_layernorm(x)
@@ -91,6 +90,11 @@ class Context:
             allowed = causal_bool_mask(position, length, self.device)
             bias = bias.masked_fill(~allowed, float("-inf"))  # [H, T, S]
         return StepContext(position, length, bias.to(self.dtype)[None], False)
+
+    def batch(self, positions: torch.Tensor, keys: int) -> StepContext:
+        """B sessions, one new token each, the longest seeing `keys` keys: the bias is by key
+        position, so every row reads the first S_i keys' part of one [1, H, 1, keys] bias."""
+        return self(keys - 1, 1)
 
 
 class ClientParts(nn.Module):

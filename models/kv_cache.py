@@ -42,6 +42,10 @@ class KVCache:
                 "start a new session with a larger --max-length"
             )
 
+    def reserve(self, position: int, new_tokens: int) -> None:
+        """What a step calls first, on any cache; all of this one's room is already allocated."""
+        self.check_room(position, new_tokens)
+
     def write(
         self, layer: int, position: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

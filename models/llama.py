@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import StepContext, attend, causal_bool_mask
+from .attention import KVStore, StepContext, attend, causal_bool_mask
 from .config import ModelConfig
 from .errors import CheckpointError
-from .kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -47,7 +46,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=out_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVStore, layer: int) -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, hidden]
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -76,7 +75,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVStore, layer: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -143,6 +142,13 @@ class Context:
         if position == 0:
             return StepContext(position, length, None, True, cos, sin)
         return StepContext(position, length, causal_bool_mask(position, length, self.device), False, cos, sin)
+
+    def batch(self, positions: torch.Tensor, keys: int) -> StepContext:
+        """B sessions, one new token each at `positions` [B], the longest seeing `keys` keys."""
+        self.rotary.tables(0, keys)  # grow the tables to the longest row
+        cos = self.rotary.cos.index_select(0, positions)[:, None, None, :]  # each row rotated by its own position
+        sin = self.rotary.sin.index_select(0, positions)[:, None, None, :]
+        return StepContext(0, 1, None, False, cos, sin)
 
 
 class ClientParts(nn.Module):

@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .families import family_of
 from .kv_cache import KVCache
+from .paged_cache import PagedSequence, PagePool
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,22 +74,52 @@ class Span:
         c = self.cfg
         return KVCache(self.num_blocks, c.num_kv_heads, c.head_dim, max_length, self.dtype, self.device)
 
+    def new_pool(self, num_pages: int, page_size: int = 16) -> PagePool:
+        """The KV budget for this span's sessions: `num_pages` pages of `page_size` tokens."""
+        c = self.cfg
+        return PagePool(self.num_blocks, c.num_kv_heads, c.head_dim, num_pages, page_size, self.dtype, self.device)
+
     def cache_bytes_per_token(self) -> int:
         c = self.cfg
         return 2 * self.num_blocks * c.num_kv_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: KVCache | PagedSequence, position: int) -> torch.Tensor:
         """hidden [B, T, hidden] for positions position..position+T-1 -> the span's output.
 
-        A position below the cache's length rewinds the session to it first."""
+        A position below the cache's length rewinds the session to it first. A `PagedSequence`
+        is one session: B = 1."""
         t = hidden.shape[1]
-        cache.check_room(position, t)
+        if hidden.shape[0] != 1 and isinstance(cache, PagedSequence):
+            raise ValueError(f"a PagedSequence holds one session, but hidden has {hidden.shape[0]} rows")
+        cache.reserve(position, t)
         ctx = self.context(position, t)
         hidden = hidden.to(self.dtype)
         for i, block in enumerate(self.blocks):
             hidden = block(hidden, ctx, cache, i)
         cache.length = position + t
+        return hidden
+
+    @torch.inference_mode()
+    def forward_batch(self, hidden: torch.Tensor, seqs: list[PagedSequence], positions: list[int]) -> torch.Tensor:
+        """hidden [B, 1, hidden]: B sessions decoding one token each, row i at `positions[i]` of
+        `seqs[i]`, run as one batch (every linear layer sees B rows; attention is per row).
+
+        Raises CacheFullError before any layer runs if a session has no room; reserve each session
+        first (`seq.reserve(position, 1)`) to find the one to drop without failing the others."""
+        if hidden.shape[0] != len(seqs) or hidden.shape[1] != 1:
+            raise ValueError(f"hidden {tuple(hidden.shape)} is not [{len(seqs)}, 1, hidden] for {len(seqs)} sessions")
+        if len(seqs) == 1:  # a lone session reads its keys in place, as KVCache does
+            return self.forward(hidden, seqs[0], positions[0])
+        pool = seqs[0].pool
+        if pool.num_layers < self.num_blocks:
+            raise ValueError(f"a pool of {pool.num_layers} layers cannot hold this span's {self.num_blocks} blocks")
+        batch = pool.batch(seqs, positions)
+        ctx = self.context.batch(batch.position_ids, batch.keys)
+        hidden = hidden.to(self.dtype)
+        for i, block in enumerate(self.blocks):
+            hidden = block(hidden, ctx, batch, i)
+        batch.commit()
         return hidden
 
 
