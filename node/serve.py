@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,19 +90,44 @@ def measure_throughput(span: Span, decode_steps: int = 8, prefill_tokens: int = 
     return Throughput(span.num_blocks / per_step, prefill_tokens / prefill_s, 1.0 / per_step)
 
 
+async def in_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run torch work off the event loop in a thread that ends with it (trio's workers linger 10 s).
+
+    A live thread that ran OpenMP keeps its own team of workers; once a process has more OpenMP
+    threads than cores, GNU OpenMP drops to a short spin and the loop thread's steps take twice as
+    long (smollm2-135m decode step: 46 ms instead of 25 ms, measured with a finished trio worker
+    still cached). Steps and throughput measurements run on the loop thread itself."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            result["error"] = e
+        token.run_sync_soon(done.set)
+
+    threading.Thread(target=target, name="llmswarm-load", daemon=True).start()
+    await done.wait()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 async def serve(opts: ServeOptions, events: ServeEvents) -> None:
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     joined_at = time.monotonic()
     async with open_host(opts.identity, port=opts.port, listen_host=opts.listen_host) as host:
         async with open_directory(host, opts.peers, [spec.name]) as directory:
-            folder = await trio.to_thread.run_sync(lambda: locate(spec, events.progress, _want_for(opts)))
+            folder = await in_passing_thread(lambda: locate(spec, events.progress, _want_for(opts)))
             ckpt = Checkpoint.open(folder)
             start, end = _pick_span(opts, ckpt, directory, spec.name)
-            span = await trio.to_thread.run_sync(
+            span = await in_passing_thread(
                 lambda: load_span(ckpt, start, end, dtype, opts.device, events.progress))
             events.progress("measuring throughput", 0, None)
-            speed = await trio.to_thread.run_sync(measure_throughput, span)
+            speed = measure_throughput(span)  # on the thread that will serve steps, or it under-reports 2x
             server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens, host=host)
             host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
             state = _State(server, speed, ckpt.config.num_blocks)
@@ -216,8 +242,8 @@ async def _rebalance_forever(host: Host, directory: Directory, state: _State, ck
             continue
         end = target + span.num_blocks
         events.progress(f"moving to blocks {target}:{end}", 0, None)
-        new = await trio.to_thread.run_sync(load_span, ckpt, target, end, dtype, opts.device, events.progress)
-        state.speed = await trio.to_thread.run_sync(measure_throughput, new)
+        new = await in_passing_thread(load_span, ckpt, target, end, dtype, opts.device, events.progress)
+        state.speed = measure_throughput(new)
         old = (span.start, span.end)
         server.span = new
         try:
