@@ -30,15 +30,22 @@ def bench_swarm(
                     f"{r['new_tokens']} tokens x {r['rounds']} rounds (medians)")
     for col in ("", "tokens/s", "ms/step", "first token ms"):
         t.add_column(col, justify="right")
-    for k in ("local", "swarm"):
-        t.add_row(k, f"{r[k]['tokens_per_s']:.2f}", f"{r[k]['step_ms']:.2f}", f"{r[k]['ttft_ms']:.1f}")
+    for k in ("local", "swarm", "swarm_no_relay"):
+        t.add_row(k.replace("_", " "), f"{r[k]['tokens_per_s']:.2f}", f"{r[k]['step_ms']:.2f}",
+                  f"{r[k]['ttft_ms']:.1f}")
     output.console.print(t)
-    output.console.print(f"swarm / local: [bold]{r['ratio']:.3f}[/bold]   added per hop per step: "
-                         f"[bold]{r['added_ms_per_hop_per_step']:.2f} ms[/bold]   token-identical: "
+    output.console.print(f"swarm / local: [bold]{r['ratio']:.3f}[/bold] (no relay {r['ratio_no_relay']:.3f})   "
+                         f"added per hop per step: [bold]{r['added_ms_per_hop_per_step']:.2f} ms[/bold] "
+                         f"(no relay {r['added_ms_per_hop_per_step_no_relay']:.2f} ms)   "
+                         f"relayed pairs: {r['relayed_pairs']}   token-identical: "
                          f"{r['token_identical']}   join -> announced: "
                          + ", ".join(f"{s:.1f} s" for s in r["seconds_join_to_announced"])
                          + " (process start -> announced: "
                          + ", ".join(f"{s:.1f} s" for s in r["seconds_process_start_to_announced"]) + ")")
+    for name, w in r["wire_dtype"].items():
+        output.console.print(f"--wire-dtype {name}: last hop's output differs by at most {w['max_abs_diff']:.3g} "
+                             f"(values up to {w['max_abs']:.3g}); greedy tokens identical: {w['token_identical']} "
+                             f"({w['tokens_agreeing_before_first_difference']} agree before the first difference)")
 
 
 def bench_server(

@@ -67,7 +67,7 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
         announce_s = [r["seconds_to_announce"] for r in swarm.ready]
         process_s = [r["seconds_process_to_announced"] for r in swarm.ready]
 
-        async def run() -> tuple[list, list, bool]:
+        async def run() -> tuple[dict[str, list], bool, dict[str, Any]]:
             async with ephemeral_host() as host, open_directory(host, swarm.peers, [spec.name], gossip=False) as d:
                 with trio.fail_after(30):
                     while len(recs := live_records(d.records(spec.name), spec.name)) < servers:
@@ -76,35 +76,59 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
                 await dial_records(host, recs)
                 by_start = {r.start: r.peer_id for r in recs}
                 chain = [Hop(by_start[a], a, b) for a, b in spans]
-                async with open_session(host, chain, spec.name, cfg.hidden_size, new_tokens + 256,
-                                        torch_dtype) as session:
-                    await drive(steps(), session.step)  # warm-up both paths once
-                    run_sync(steps(), local)
-                    local_rows, swarm_rows, same = [], [], True
+                length = new_tokens + 256
+                async with open_session(host, chain, spec.name, cfg.hidden_size, length, torch_dtype) as relayed, \
+                        open_session(host, chain, spec.name, cfg.hidden_size, length, torch_dtype,
+                                     relay=False) as direct:
+                    reference = run_sync(steps(), local)  # also warms every path up once
+                    await drive(steps(), relayed.step)
+                    await drive(steps(), direct.step)
+                    rows: dict[str, list] = {"local": [], "swarm": [], "swarm_no_relay": []}
+                    same = True
                     for i in range(rounds):
                         progress("benchmark rounds", i, rounds)
                         a = run_sync(steps(), local)
-                        b = await drive(steps(), session.step)
-                        same = same and a.token_ids == b.token_ids
-                        local_rows.append(_row(a))
-                        swarm_rows.append(_row(b))
+                        b = await drive(steps(), relayed.step)
+                        c = await drive(steps(), direct.step)
+                        same = same and a.token_ids == b.token_ids == c.token_ids
+                        for k, r in (("local", a), ("swarm", b), ("swarm_no_relay", c)):
+                            rows[k].append(_row(r))
                     progress("benchmark rounds", rounds, rounds)
-                    return local_rows, swarm_rows, same
+                    pairs = relayed.relayed_pairs
+                    # wire precision: the last hop's output for the prompt, and the greedy tokens
+                    x = client.parts.embed(torch.tensor([prompt])).to(torch_dtype)
+                    exact = await direct.step(x, 0)
+                wire: dict[str, Any] = {}
+                for name, wdt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+                    async with open_session(host, chain, spec.name, cfg.hidden_size, length, torch_dtype,
+                                            wire_dtype=wdt) as session:
+                        out = await session.step(x, 0)
+                        result = await drive(steps(), session.step)
+                    agree = next((i for i, (p, q) in enumerate(zip(result.token_ids, reference.token_ids,
+                                                                    strict=False)) if p != q),
+                                 min(len(result.token_ids), len(reference.token_ids)))
+                    wire[name] = {"max_abs_diff": float((out - exact).abs().max()),
+                                  "max_abs": float(exact.abs().max()),
+                                  "token_identical": result.token_ids == reference.token_ids,
+                                  "tokens_agreeing_before_first_difference": agree}
+                return rows, same, {"relayed_pairs": pairs, "wire_dtype": wire}
 
         started = time.perf_counter()
-        local_rows, swarm_rows, identical = trio.run(run)
-    med = {k: {m: statistics.median(r[m] for r in rows) for m in rows[0]}
-           for k, rows in (("local", local_rows), ("swarm", swarm_rows))}
+        rows, identical, extra = trio.run(run)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
     added_ms = (med["swarm"]["step_ms"] - med["local"]["step_ms"]) / servers
     return {
         "model": spec.name, "dtype": str(torch_dtype).removeprefix("torch."), "servers": servers,
         "spans": [f"{a}:{b}" for a, b in spans], "rounds": rounds, "new_tokens": new_tokens,
-        "local": med["local"], "swarm": med["swarm"],
+        "local": med["local"], "swarm": med["swarm"], "swarm_no_relay": med["swarm_no_relay"],
         "ratio": med["swarm"]["tokens_per_s"] / med["local"]["tokens_per_s"],
-        "added_ms_per_hop_per_step": added_ms, "token_identical": identical,
+        "ratio_no_relay": med["swarm_no_relay"]["tokens_per_s"] / med["local"]["tokens_per_s"],
+        "added_ms_per_hop_per_step": added_ms,
+        "added_ms_per_hop_per_step_no_relay": (med["swarm_no_relay"]["step_ms"] - med["local"]["step_ms"]) / servers,
+        "token_identical": identical, **extra,
         "seconds_join_to_announced": announce_s, "seconds_process_start_to_announced": process_s,
         "bench_seconds": time.perf_counter() - started,
-        "rounds_detail": {"local": local_rows, "swarm": swarm_rows},
+        "rounds_detail": rows,
     }
 
 
