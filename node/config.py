@@ -85,16 +85,14 @@ GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_S = 10_000.0  # default 10 silently drops the 
 MAX_SESSION_LENGTH = 8192  # most tokens one inference session may hold (prompt + answer)
 DEFAULT_SESSION_LENGTH = 2048  # what `chat` asks for unless --max-length says otherwise
 DEFAULT_MAX_SESSIONS = 16  # concurrent sessions one server admits
-DEFAULT_CACHE_TOKENS = 32768  # KV-cache budget of one server, in tokens (summed over sessions)
+DEFAULT_CACHE_TOKENS = 32768  # KV-cache budget of one server, in tokens (summed over sessions), at most...
+DEFAULT_CACHE_BYTES = 256 * 1024**2  # ...what fits in this many bytes: the page pool is allocated up front
 MAX_STEP_TOKENS = 8192  # new tokens in one STEP (a prefill)
 STATUS_PERIOD_S = 1.0  # how often `join` refreshes its live status line
 NEXT_HOP_PING_COUNT = 3  # PINGs per next-hop server when measuring RTTs for our record
 CLIENT_PING_COUNT = 3  # PINGs per candidate server before a client routes
 COVERAGE_WAIT_S = 20.0  # how long `chat` waits for the swarm to cover every block
 BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each further failure
-# Run a step's compute on the server's event loop (True) or in a worker thread (False). Inline saves
-# two thread hand-offs per step per hop; the loop is busy for one step's compute (pings wait that long).
-SERVER_COMPUTE_INLINE = True
 # Iteration-level batching: when other sessions were active lately, the scheduler waits this long at
 # most (and never more than BATCH_WINDOW_FRACTION of a batch's compute) for their decode steps to
 # arrive, then runs every waiting decode step through the span as one batch. A lone session never

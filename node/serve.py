@@ -47,7 +47,7 @@ class ServeOptions:
     dtype: str | None = None
     public_name: str = ""
     max_sessions: int = config.DEFAULT_MAX_SESSIONS
-    cache_tokens: int = config.DEFAULT_CACHE_TOKENS
+    cache_tokens: int | None = None  # None: config.DEFAULT_CACHE_TOKENS, capped by DEFAULT_CACHE_BYTES
     announce_period_s: float = config.ANNOUNCE_PERIOD_S
     identity: str | None = None
     rebalance_period_s: float = config.REBALANCE_PERIOD_S  # 0 = never move

@@ -80,13 +80,15 @@ class Session:
 
 class SpanServer:
     def __init__(self, model: str, span: Span, max_sessions: int = config.DEFAULT_MAX_SESSIONS,
-                 cache_tokens: int = config.DEFAULT_CACHE_TOKENS,
+                 cache_tokens: int | None = None,
                  idle_timeout_s: float = config.SESSION_IDLE_TIMEOUT_S, host: object = None,
                  batch_window_s: float = config.BATCH_WINDOW_S) -> None:
         self.model, self.span = model, span
         self.max_sessions = max_sessions
         # One pool for the whole span: a session entering mid-span uses its first layers (its pages
         # are its own, so layer i of its sub-span can live in pool layer i).
+        if cache_tokens is None:  # the pool is allocated now: size the default by memory, not just tokens
+            cache_tokens = min(config.DEFAULT_CACHE_TOKENS, config.DEFAULT_CACHE_BYTES // span.cache_bytes_per_token())
         self.pool = span.new_pool(max(1, cache_tokens // config.PAGE_TOKENS), config.PAGE_TOKENS)
         self.cache_tokens = self.pool.num_pages * self.pool.page_size
         self.idle_timeout_s = idle_timeout_s
