@@ -46,8 +46,8 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, window_s: float = config.BATCH_WINDOW_S, max_batch: int = config.MAX_BATCH_SESSIONS,
-                 on_step: object = None) -> None:
-        self.window_s, self.max_batch = window_s, max_batch
+                 on_step: object = None, window_fraction: float = config.BATCH_WINDOW_FRACTION) -> None:
+        self.window_s, self.max_batch, self.window_fraction = window_s, max_batch, window_fraction
         self.pending: list[Job] = []
         self._arrived = trio.Event()
         self.last_active: dict[object, float] = {}
@@ -96,7 +96,7 @@ class Scheduler:
         expected = len(self.last_active.keys() | {j.owner for j in self.pending})
         if len(self.pending) >= expected:
             return
-        deadline = now + min(self.window_s, config.BATCH_WINDOW_FRACTION * self.compute_s)
+        deadline = now + min(self.window_s, self.window_fraction * self.compute_s)
         while len(self.pending) < expected:
             self._arrived = trio.Event()
             with trio.move_on_at(deadline):

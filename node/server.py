@@ -82,7 +82,8 @@ class SpanServer:
     def __init__(self, model: str, span: Span, max_sessions: int = config.DEFAULT_MAX_SESSIONS,
                  cache_tokens: int | None = None,
                  idle_timeout_s: float = config.SESSION_IDLE_TIMEOUT_S, host: object = None,
-                 batch_window_s: float = config.BATCH_WINDOW_S) -> None:
+                 batch_window_s: float = config.BATCH_WINDOW_S,
+                 batch_window_fraction: float = config.BATCH_WINDOW_FRACTION) -> None:
         self.model, self.span = model, span
         self.max_sessions = max_sessions
         # One pool for the whole span: a session entering mid-span uses its first layers (its pages
@@ -95,7 +96,7 @@ class SpanServer:
         self.host = host  # needed to dial next hops (relay); None: LINK is refused
         self.stats = ServerStats()
         self.sessions: dict[str, Session] = {}
-        self.scheduler = Scheduler(batch_window_s, on_step=self._count)
+        self.scheduler = Scheduler(batch_window_s, on_step=self._count, window_fraction=batch_window_fraction)
 
     @property
     def cache_tokens_left(self) -> int:

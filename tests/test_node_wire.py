@@ -154,7 +154,8 @@ def test_recv_reads_in_pieces_and_detects_truncation():
 
 def test_recv_rejects_oversized_frame_without_reading_body():
     async def main():
-        data = struct.pack(">2sBBII", b"LS", config.WIRE_VERSION, int(MsgType.STEP), 2, config.MAX_FRAME_BODY_BYTES + 1) + b"{}"
+        data = struct.pack(">2sBBII", b"LS", config.WIRE_VERSION, int(MsgType.STEP), 2,
+                           config.MAX_FRAME_BODY_BYTES + 1) + b"{}"
         fake = _FakeStream(data + b"x" * 1000, chunk=1 << 20)
         with pytest.raises(WireError, match="exceeds"):
             await FramedStream(fake).recv(timeout_s=1)
