@@ -13,10 +13,12 @@ thread hand-off per step costs more than it saves on CPU (see ARCHITECTURE.md).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import trio
+from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
 
 from . import config
@@ -26,7 +28,7 @@ from . import config
 class Job:
     owner: object  # the session, for "who was active lately"
     span: Span  # the blocks this session runs (a server's span or a sub-span of it)
-    cache: object  # the session's PagedSequence
+    cache: PagedSequence
     hidden: torch.Tensor  # [1, T, hidden]
     position: int
     done: trio.Event = field(default_factory=trio.Event)
@@ -37,23 +39,24 @@ class Job:
 
 @dataclass
 class SchedulerStats:
+    """How batches formed (the server counts steps and tokens)."""
+
     batches: int = 0
-    steps: int = 0
     batched_steps: int = 0  # steps that ran in a batch of more than one
     largest_batch: int = 0
-    tokens: int = 0
 
 
 class Scheduler:
     def __init__(self, window_s: float = config.BATCH_WINDOW_S, max_batch: int = config.MAX_BATCH_SESSIONS,
-                 on_step: object = None, window_fraction: float = config.BATCH_WINDOW_FRACTION) -> None:
+                 on_step: Callable[[int, int], None] = lambda steps, tokens: None,
+                 window_fraction: float = config.BATCH_WINDOW_FRACTION) -> None:
         self.window_s, self.max_batch, self.window_fraction = window_s, max_batch, window_fraction
         self.pending: list[Job] = []
         self._arrived = trio.Event()
         self.last_active: dict[object, float] = {}
         self.compute_s = 0.0  # moving average of one batch's compute time
         self.stats = SchedulerStats()
-        self.on_step = on_step  # called with (steps, tokens) after each batch (server statistics)
+        self.on_step = on_step  # called with (steps, tokens) after each batch: the server's statistics
 
     async def run(self, job: Job) -> torch.Tensor:
         """Queue a step and wait for its output (raises what its compute raised)."""
@@ -143,10 +146,7 @@ class Scheduler:
             j.done.set()
         s = self.stats
         s.batches += 1
-        s.steps += len(batch)
-        s.tokens += tokens
         s.largest_batch = max(s.largest_batch, len(batch))
         if len(batch) > 1:
             s.batched_steps += len(batch)
-        if self.on_step is not None:
-            self.on_step(len(batch), tokens)  # type: ignore[operator]
+        self.on_step(len(batch), tokens)

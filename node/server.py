@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import trio
 from llmswarm.models.errors import CacheFullError
+from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
 
 from . import config
 from .errors import PeerClosed, PeerError, RemoteError, WireError
+from .host import Host
 from .scheduler import Job, Scheduler
 from .wire import (
     DTYPES,
@@ -62,7 +64,7 @@ class ServerStats:
 class Session:
     id: str
     span: Span
-    cache: object  # PagedSequence
+    cache: PagedSequence
     max_length: int
     client: FramedStream
     wire_dtype: torch.dtype | None
@@ -81,7 +83,7 @@ class Session:
 class SpanServer:
     def __init__(self, model: str, span: Span, max_sessions: int = config.DEFAULT_MAX_SESSIONS,
                  cache_tokens: int | None = None,
-                 idle_timeout_s: float = config.SESSION_IDLE_TIMEOUT_S, host: object = None,
+                 idle_timeout_s: float = config.SESSION_IDLE_TIMEOUT_S, host: Host | None = None,
                  batch_window_s: float = config.BATCH_WINDOW_S,
                  batch_window_fraction: float = config.BATCH_WINDOW_FRACTION) -> None:
         self.model, self.span = model, span
@@ -281,17 +283,17 @@ class SpanServer:
     async def _attach(self, nxt: NextHop) -> FramedStream:
         host = self.host
         with trio.move_on_after(config.LINK_TIMEOUT_S) as scope:
-            if nxt.peer_id not in host.connected_peers():  # type: ignore[attr-defined]
+            if nxt.peer_id not in host.connected_peers():
                 error: PeerError | None = None
                 for addr in nxt.addrs:
                     try:
-                        await host.connect(addr if "/p2p/" in addr else f"{addr}/p2p/{nxt.peer_id}")  # type: ignore[attr-defined]
+                        await host.connect(addr if "/p2p/" in addr else f"{addr}/p2p/{nxt.peer_id}")
                         break
                     except (PeerError, ValueError) as e:
                         error = PeerError(str(e))
                 else:
                     raise error or PeerError("next server has no address")
-            stream = await host.open_stream(nxt.peer_id, config.PROTOCOL_INFERENCE)  # type: ignore[attr-defined]
+            stream = await host.open_stream(nxt.peer_id, config.PROTOCOL_INFERENCE)
         if scope.cancelled_caught:
             raise PeerError(f"could not reach the next server within {config.LINK_TIMEOUT_S:g} s")
         try:

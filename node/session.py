@@ -35,19 +35,17 @@ from . import config
 from .errors import PeerError, RemoteError, WireError
 from .host import Host
 from .wire import (
-    DTYPES,
     Frame,
     FramedStream,
     MsgType,
     NextHop,
     OpenRequest,
+    dtype_name,
     parse_output,
     parse_session_id,
     raise_if_error,
     step_frame,
 )
-
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class RemoteSpan:
@@ -98,7 +96,7 @@ async def open_remote_span(host: Host, hop: Hop, model: str, hidden_size: int, m
     stream = await host.open_stream(hop.peer_id, config.PROTOCOL_INFERENCE)
     try:
         request = OpenRequest(model, hop.start, hop.end, max_length,
-                              _DTYPE_NAMES[wire_dtype] if wire_dtype is not None else None, upstream)
+                              dtype_name(wire_dtype) if wire_dtype is not None else None, upstream)
         reply = await stream.request(request.frame(), timeout_s=config.REQUEST_TIMEOUT_S)
         if reply.type != MsgType.OPENED:
             raise PeerError(f"server {hop.peer_id[-8:]} answered OPEN with {reply.type.name}")

@@ -135,11 +135,17 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire's name of a dtype it can carry (WireError for any other)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise WireError(f"dtype {dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
+    return name
+
+
 def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
     """(meta, body): body is a zero-copy view of the tensor's bytes (keep `t` alive until sent)."""
-    name = _DTYPE_NAMES.get(t.dtype)
-    if name is None:
-        raise WireError(f"dtype {t.dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
+    name = dtype_name(t.dtype)
     if t.dim() == 0:
         raise WireError("0-dim tensors cannot be sent; reshape to [1]")
     t = t.detach()
