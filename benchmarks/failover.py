@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import time
 
-from llmswarm.node.local_swarm import LocalSwarm, llmswarm_command
+from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
 
 PROMPT = "Write a long story about a dragon who learns to paint."
 

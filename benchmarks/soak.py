@@ -20,7 +20,7 @@ import threading
 import time
 
 import psutil
-from llmswarm.node.local_swarm import LocalSwarm, llmswarm_command
+from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
              "What is the largest planet?", "Give me a fruit."]

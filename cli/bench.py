@@ -17,7 +17,7 @@ def bench_swarm(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Decode tokens/s through a local N-server swarm vs the same model in-process (medians)."""
-    from llmswarm.node.bench import bench_swarm as run
+    from llmswarm.bench.speed import bench_swarm as run
 
     with output.progress(not json_out) as report:
         r = run(model, servers, rounds, new_tokens, dtype, report)
@@ -59,7 +59,7 @@ def bench_server(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Aggregate decode tokens/s of ONE server holding the whole model, with N concurrent sessions."""
-    from llmswarm.node.bench import bench_server as run
+    from llmswarm.bench.speed import bench_server as run
 
     try:
         counts = [int(x) for x in sessions.split(",") if x.strip()]

@@ -67,7 +67,7 @@ def chat(
     if local:
         _chat_local(opts)
     else:
-        from llmswarm.node.client import run_chat
+        from llmswarm.node.client.chat import run_chat
 
         run_chat(opts, ask=_ask, render=_render(opts), progress=output.progress)
 

@@ -17,11 +17,11 @@ def demo(
     show_route: bool = typer.Option(True, "--show-route/--hide-route", help="Print the chain before answering."),
 ) -> None:
     """Start a local swarm that splits the model, wait until every block is served, and chat."""
+    from llmswarm.bench.local_swarm import LocalSwarm, even_spans
     from llmswarm.cli.chat import ChatOptions, _ask, _render
     from llmswarm.models.checkpoint import Checkpoint, locate
     from llmswarm.models.registry import resolve
-    from llmswarm.node.client import run_chat
-    from llmswarm.node.local_swarm import LocalSwarm, even_spans
+    from llmswarm.node.client.chat import run_chat
 
     spec = resolve(model)
     with output.progress(not json_out) as report:

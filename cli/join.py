@@ -45,7 +45,7 @@ def join(
     import trio
     from llmswarm.cli.chat import _check_device, _split_peers
     from llmswarm.node.host import quiet_libp2p_logging
-    from llmswarm.node.serve import ServeOptions, serve
+    from llmswarm.node.server.process import ServeOptions, serve
 
     _check_device(device)
     if blocks is not None and num_blocks is not None:
@@ -97,7 +97,7 @@ def bootstrap(
     """Run a node that only helps others meet; prints its multiaddr on the first line."""
     import trio
     from llmswarm.cli.chat import _split_peers
-    from llmswarm.node.bootstrap import run_bootstrap
+    from llmswarm.node.discovery.bootstrap import run_bootstrap
     from llmswarm.node.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()

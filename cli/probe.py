@@ -17,8 +17,8 @@ def probe(
     import trio
     from llmswarm.cli.chat import _split_peers
     from llmswarm.models.registry import resolve
+    from llmswarm.node.discovery.probe import probe as run_probe
     from llmswarm.node.host import quiet_libp2p_logging
-    from llmswarm.node.probe import probe as run_probe
 
     quiet_libp2p_logging()
     name = resolve(model).name if model else None

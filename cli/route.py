@@ -121,9 +121,9 @@ def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int
         return simulate_swarm(*parse_size(simulate), seed=seed)
     try:
         import trio
-        from llmswarm.node.snapshot import fetch_snapshot
+        from llmswarm.node.discovery.swarm_view import fetch_snapshot
     except ImportError:
-        raise RoutingError("live routing needs the swarm layer (llmswarm.node.snapshot), which is not "
+        raise RoutingError("live routing needs the swarm layer (llmswarm.node.discovery.swarm_view), which is not "
                            "available yet; use --simulate SERVERSxBLOCKS or --snapshot FILE") from None
     if not model:
         raise typer.BadParameter("--model is required to route through the live swarm")

@@ -30,8 +30,8 @@ def status(
     import trio
     from llmswarm.cli.chat import _split_peers
     from llmswarm.models.registry import resolve
+    from llmswarm.node.discovery.status import fetch_status, watch_status
     from llmswarm.node.host import quiet_libp2p_logging
-    from llmswarm.node.status import fetch_status, watch_status
 
     quiet_libp2p_logging()
     name = resolve(model).name if model else None
@@ -68,7 +68,7 @@ def status(
 
 def _exit_if_broken(snap: dict[str, Any], name: str | None) -> None:
     """After printing: a NodeError (one red line, exit code 4) when --model names a broken model."""
-    from llmswarm.node.status import ModelNotCovered
+    from llmswarm.node.discovery.status import ModelNotCovered
 
     if name is None:
         return

@@ -33,11 +33,10 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-
-from . import config
-from .errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
-from .identity import load_or_create_identity
-from .wire import Frame, FramedStream, MsgType, error_frame
+from llmswarm.node import config
+from llmswarm.node.errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.identity import load_or_create_identity
+from llmswarm.node.wire.codec import Frame, FramedStream, MsgType, error_frame
 
 log = logging.getLogger(__name__)
 

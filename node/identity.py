@@ -9,9 +9,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.identity_utils import load_identity, save_identity
 from libp2p.peer.id import ID
-
-from . import config
-from .errors import NodeError
+from llmswarm.node import config
+from llmswarm.node.errors import NodeError
 
 
 def load_or_create_identity(identity_path: str | Path | None = None) -> KeyPair:

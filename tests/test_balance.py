@@ -44,7 +44,7 @@ def test_small_gains_are_noise_not_a_reason_to_move():
 
 @pytest.mark.slow
 def test_a_server_moves_to_fill_a_gap(smollm2):
-    from llmswarm.node.local_swarm import LocalSwarm, llmswarm_command
+    from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
 
     with LocalSwarm("smollm2-135m", [(0, 10), (0, 10), (10, 20)], announce_period_s=1.0,
                     rebalance_period_s=2.0) as s:

@@ -6,9 +6,9 @@ import json
 import subprocess
 
 import pytest
+from llmswarm.bench.local_swarm import llmswarm_command
+from llmswarm.bench.speed import _server_args, bench_server
 from llmswarm.node import config
-from llmswarm.node.bench import _server_args, bench_server
-from llmswarm.node.local_swarm import llmswarm_command
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

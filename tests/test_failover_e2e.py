@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from llmswarm.node.local_swarm import LocalSwarm, llmswarm_command
+from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
 
 pytestmark = pytest.mark.slow
 PROMPT = "Write a long story about a dragon who learns to paint."

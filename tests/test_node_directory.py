@@ -5,13 +5,13 @@ import time
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
-from llmswarm.node.bootstrap import run_bootstrap
-from llmswarm.node.directory import announce_forever, open_directory
+from llmswarm.node.discovery.bootstrap import run_bootstrap
+from llmswarm.node.discovery.directory import announce_forever, open_directory
+from llmswarm.node.discovery.records import ServerRecord, sign_record
 from llmswarm.node.errors import RemoteError
 from llmswarm.node.host import open_host, quiet_libp2p_logging
 from llmswarm.node.identity import peer_id_of
-from llmswarm.node.records import ServerRecord, sign_record
-from llmswarm.node.wire import Frame, MsgType
+from llmswarm.node.wire.codec import Frame, MsgType
 
 quiet_libp2p_logging()
 MODEL = "smollm2-135m"

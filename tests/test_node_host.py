@@ -14,7 +14,7 @@ from llmswarm.node import config
 from llmswarm.node.errors import PeerError, RemoteError
 from llmswarm.node.host import open_host, quiet_libp2p_logging
 from llmswarm.node.identity import load_or_create_identity, peer_id_of
-from llmswarm.node.wire import Frame, MsgType, encode_frame
+from llmswarm.node.wire.codec import Frame, MsgType, encode_frame
 
 quiet_libp2p_logging()
 
@@ -24,7 +24,7 @@ PEER_SCRIPT = textwrap.dedent(
     """
     import os, sys, trio
     from llmswarm.node.host import open_host, quiet_libp2p_logging
-    from llmswarm.node.wire import Frame, MsgType, encode_frame
+    from llmswarm.node.wire.codec import Frame, MsgType, encode_frame
     quiet_libp2p_logging()
 
     async def half(stream):

@@ -7,9 +7,9 @@ import time
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
+from llmswarm.node.discovery.records import RecordStore, ServerRecord, sign_record, verify_record
 from llmswarm.node.errors import WireError
 from llmswarm.node.identity import peer_id_of
-from llmswarm.node.records import RecordStore, ServerRecord, sign_record, verify_record
 
 
 def make(kp, **changes):
@@ -62,7 +62,7 @@ def test_peer_id_must_match_signing_key():
     # a forger who builds the envelope by hand: valid signature, wrong identity
     rec = make(alice)
     body = rec.to_json()
-    from llmswarm.node.records import DOMAIN
+    from llmswarm.node.discovery.records import DOMAIN
 
     env = {
         "v": 1,

@@ -12,11 +12,11 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from llmswarm.models.checkpoint import Checkpoint
 from llmswarm.models.span import load_span
 from llmswarm.node import config
+from llmswarm.node.client.session import open_session
 from llmswarm.node.errors import PeerError, RemoteError
 from llmswarm.node.host import open_host, quiet_libp2p_logging
-from llmswarm.node.server import SpanServer
-from llmswarm.node.session import open_session
-from llmswarm.node.wire import Frame, MsgType, OpenRequest
+from llmswarm.node.server.span_server import SpanServer
+from llmswarm.node.wire.codec import Frame, MsgType, OpenRequest
 from llmswarm.routing import Hop
 
 quiet_libp2p_logging()

@@ -7,7 +7,7 @@ import torch
 import trio
 from llmswarm.node import config
 from llmswarm.node.errors import PeerClosed, PeerError, RemoteError, WireError
-from llmswarm.node.wire import (
+from llmswarm.node.wire.codec import (
     PREFIX,
     Frame,
     FramedStream,

@@ -12,11 +12,11 @@ import time
 import uuid
 
 import pytest
+from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
 from llmswarm.node import config
-from llmswarm.node.health import HealthCollector, gpu_indices
-from llmswarm.node.local_swarm import LocalSwarm, llmswarm_command
-from llmswarm.node.records import ServerRecord
-from llmswarm.node.status import build_status
+from llmswarm.node.discovery.records import ServerRecord
+from llmswarm.node.discovery.status import build_status
+from llmswarm.node.server.health import HealthCollector, gpu_indices
 
 MODEL = "smollm2-135m"
 

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from llmswarm.node.local_swarm import LocalSwarm, llmswarm_command
+from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
 
 pytestmark = pytest.mark.slow
 PROMPT = "What is the capital of France?"

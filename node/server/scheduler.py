@@ -20,8 +20,7 @@ import torch
 import trio
 from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
-
-from . import config
+from llmswarm.node import config
 
 
 @dataclass(eq=False)

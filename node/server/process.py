@@ -23,16 +23,15 @@ from llmswarm.models.checkpoint import Checkpoint, locate
 from llmswarm.models.families import family_of
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import Span, load_span, parse_dtype
+from llmswarm.node import config
+from llmswarm.node.discovery.directory import Directory, announce_forever, open_directory
+from llmswarm.node.discovery.records import ServerRecord, sign_record
+from llmswarm.node.discovery.swarm_view import live_records
+from llmswarm.node.errors import NodeError, PeerError
+from llmswarm.node.host import Host, open_host
+from llmswarm.node.server.health import HealthCollector
+from llmswarm.node.server.span_server import SpanServer
 from llmswarm.routing.balance import better_start, choose_start
-
-from . import config
-from .directory import Directory, announce_forever, open_directory
-from .errors import NodeError, PeerError
-from .health import HealthCollector
-from .host import Host, open_host
-from .records import ServerRecord, sign_record
-from .server import SpanServer
-from .snapshot import live_records
 
 
 @dataclass

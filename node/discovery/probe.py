@@ -6,12 +6,11 @@ import statistics
 import time
 
 import trio
-
-from .directory import open_directory
-from .errors import NodeError, PeerError
-from .host import ephemeral_host
-from .records import ServerRecord
-from .snapshot import dial_records, require_peers
+from llmswarm.node.discovery.directory import open_directory
+from llmswarm.node.discovery.records import ServerRecord
+from llmswarm.node.discovery.swarm_view import dial_records, require_peers
+from llmswarm.node.errors import NodeError, PeerError
+from llmswarm.node.host import ephemeral_host
 
 
 async def probe(peers: list[str], model: str | None, count: int = 10) -> list[dict]:

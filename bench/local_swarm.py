@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import NodeError
+from llmswarm.node.errors import NodeError
 
 START_TIMEOUT_S = 120.0  # a join process loads weights and measures itself before it is ready
 STOP_GRACE_S = 5.0

@@ -24,9 +24,8 @@ from typing import Any
 from libp2p.crypto.keys import KeyType, PrivateKey
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
-
-from . import config
-from .errors import WireError
+from llmswarm.node import config
+from llmswarm.node.errors import WireError
 
 ENVELOPE_VERSION = 1
 DOMAIN = b"llmswarm-server-record-v1\n"  # signatures cannot be replayed as another kind of message

@@ -5,13 +5,12 @@ from __future__ import annotations
 import statistics
 
 import trio
+from llmswarm.node import config
+from llmswarm.node.discovery.directory import is_live
+from llmswarm.node.discovery.records import ServerRecord
+from llmswarm.node.errors import NodeError, PeerError
+from llmswarm.node.host import Host
 from llmswarm.routing import ServerInfo, Snapshot
-
-from . import config
-from .directory import is_live
-from .errors import NodeError, PeerError
-from .host import Host
-from .records import ServerRecord
 
 
 def require_peers(peers: list[str]) -> None:
@@ -90,9 +89,8 @@ def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: 
 async def fetch_snapshot(model: str, peers: list[str]) -> Snapshot:
     """A snapshot of `model`'s swarm as seen from here: for `llmswarm route` on a live swarm."""
     from llmswarm.models.registry import resolve
-
-    from .directory import open_directory
-    from .host import ephemeral_host
+    from llmswarm.node.discovery.directory import open_directory
+    from llmswarm.node.host import ephemeral_host
 
     require_peers(peers)
     name = resolve(model).name

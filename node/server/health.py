@@ -23,7 +23,7 @@ import json
 import logging
 from typing import Any
 
-from . import config
+from llmswarm.node import config
 
 log = logging.getLogger(__name__)
 _MB = 1024 * 1024

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 import trio
-
-from . import config
-from .errors import PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node import config
+from llmswarm.node.errors import PeerClosed, PeerError, RemoteError, WireError
 
 MAGIC = b"LS"
 PREFIX = struct.Struct(">2sBBII")  # magic, version, type, header_len, body_len

@@ -18,15 +18,21 @@ from llmswarm.models.generate import GenerationResult, Sampler, Sampling, Steps
 from llmswarm.models.local import ClientModel, load_client_model
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import parse_dtype
+from llmswarm.node import config
+from llmswarm.node.client.session import Bans, Replan, open_session
+from llmswarm.node.discovery.directory import Directory, open_directory
+from llmswarm.node.discovery.swarm_view import (
+    coverage_gaps,
+    dial_records,
+    live_records,
+    measure_rtts,
+    require_peers,
+    to_snapshot,
+)
+from llmswarm.node.errors import WireError
+from llmswarm.node.host import Host, ephemeral_host, open_host
+from llmswarm.node.wire.codec import DTYPES
 from llmswarm.routing import Hop, NoRouteError, SolveResult, solve
-
-from . import config
-from .directory import Directory, open_directory
-from .errors import WireError
-from .host import Host, ephemeral_host, open_host
-from .session import Bans, Replan, open_session
-from .snapshot import coverage_gaps, dial_records, live_records, measure_rtts, require_peers, to_snapshot
-from .wire import DTYPES
 
 CHAT_SOLVE_BUDGET_S = 0.3  # NSGA-II time budget when a chat picks its route
 
@@ -131,7 +137,7 @@ def run_chat(opts: Any, ask: Callable[[], str | None], render: Any, progress: Ca
 
 
 async def _chat(opts: Any, model: ClientModel, ask: Callable[[], str | None], render: Any) -> None:
-    from .host import quiet_libp2p_logging
+    from llmswarm.node.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()
     # A client needs no stable peer id unless the user asks for one (--identity FILE).

@@ -39,13 +39,12 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-
-from . import config
-from .directory import is_live, open_directory
-from .errors import NodeError
-from .host import Host, ephemeral_host
-from .records import ServerRecord
-from .snapshot import coverage_gaps, dial_records, measure_rtts, require_peers
+from llmswarm.node import config
+from llmswarm.node.discovery.directory import is_live, open_directory
+from llmswarm.node.discovery.records import ServerRecord
+from llmswarm.node.discovery.swarm_view import coverage_gaps, dial_records, measure_rtts, require_peers
+from llmswarm.node.errors import NodeError
+from llmswarm.node.host import Host, ephemeral_host
 
 STATUS_PING_COUNT = 2  # pings per server per refresh: enough for a live RTT, cheap every second
 GONE_KEEP_S = 60.0  # a watched server whose record expired stays listed as "gone" this long

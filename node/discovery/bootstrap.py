@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-
-from . import config
-from .directory import open_directory
-from .host import open_host
+from llmswarm.node import config
+from llmswarm.node.discovery.directory import open_directory
+from llmswarm.node.host import open_host
 
 
 async def run_bootstrap(

@@ -24,12 +24,11 @@ import trio
 from llmswarm.models.errors import CacheFullError
 from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
-
-from . import config
-from .errors import PeerClosed, PeerError, RemoteError, WireError
-from .host import Host
-from .scheduler import Job, Scheduler
-from .wire import (
+from llmswarm.node import config
+from llmswarm.node.errors import PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.host import Host
+from llmswarm.node.server.scheduler import Job, Scheduler
+from llmswarm.node.wire.codec import (
     DTYPES,
     Frame,
     FramedStream,

@@ -21,22 +21,21 @@ from typing import Any
 
 import torch
 import trio
+from llmswarm.bench.local_swarm import LocalSwarm, even_spans
 from llmswarm.models.chat import Conversation
 from llmswarm.models.checkpoint import Checkpoint, locate
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, generation_steps, run_sync
 from llmswarm.models.local import LocalChain, load_client_model
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import load_client, load_span, parse_dtype
+from llmswarm.node import config
+from llmswarm.node.client.chat import drive
+from llmswarm.node.client.session import open_session
+from llmswarm.node.discovery.directory import open_directory
+from llmswarm.node.discovery.swarm_view import dial_records, live_records
+from llmswarm.node.errors import PeerError
+from llmswarm.node.host import Host, ephemeral_host, quiet_libp2p_logging
 from llmswarm.routing import Hop
-
-from . import config
-from .client import drive
-from .directory import open_directory
-from .errors import PeerError
-from .host import Host, ephemeral_host, quiet_libp2p_logging
-from .local_swarm import LocalSwarm, even_spans
-from .session import open_session
-from .snapshot import dial_records, live_records
 
 PROMPT = "Write a short story about a lighthouse keeper."
 

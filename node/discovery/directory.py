@@ -34,12 +34,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-
-from . import config
-from .errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
-from .host import Host
-from .records import RecordStore, ServerRecord, sign_record
-from .wire import Frame, FramedStream, MsgType
+from llmswarm.node import config
+from llmswarm.node.discovery.records import RecordStore, ServerRecord, sign_record
+from llmswarm.node.errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.host import Host
+from llmswarm.node.wire.codec import Frame, FramedStream, MsgType
 
 log = logging.getLogger(__name__)
 

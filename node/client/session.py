@@ -29,12 +29,10 @@ from contextlib import asynccontextmanager
 
 import torch
 import trio
-from llmswarm.routing import Hop
-
-from . import config
-from .errors import PeerError, RemoteError, WireError
-from .host import Host
-from .wire import (
+from llmswarm.node import config
+from llmswarm.node.errors import PeerError, RemoteError, WireError
+from llmswarm.node.host import Host
+from llmswarm.node.wire.codec import (
     Frame,
     FramedStream,
     MsgType,
@@ -46,6 +44,7 @@ from .wire import (
     raise_if_error,
     step_frame,
 )
+from llmswarm.routing import Hop
 
 
 class RemoteSpan:
