@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llmswarm.models.registry import ModelSpec
 from llmswarm.node.errors import NodeError
 
 START_TIMEOUT_S = 120.0  # a join process loads weights and measures itself before it is ready
@@ -43,6 +44,12 @@ def _colocated_env() -> dict[str, str]:
     return env
 
 
+def model_arg(spec: ModelSpec) -> str:
+    """What to pass to child processes' --model: a folder's absolute path (its name would not resolve
+    to it, and the children may run elsewhere), else the registry name."""
+    return str(Path(spec.local_path).resolve()) if spec.local_path is not None else spec.name
+
+
 def llmswarm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "llmswarm.cli.app", *args]
 
@@ -66,6 +73,7 @@ class LocalSwarm:
         self.ready: list[dict] = []
         self.peers: list[str] = []
         self._spawned: dict[int, float] = {}  # pid -> monotonic time it was started
+        self._logs: dict[int, Path] = {}  # pid -> its stderr (gone with the work folder on stop)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> LocalSwarm:
@@ -128,11 +136,13 @@ class LocalSwarm:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _spawn(self, *args: str) -> subprocess.Popen:
-        log = open(self.workdir / f"{args[0]}-{len(self.servers)}.log", "w")  # noqa: SIM115 - lives with the process
+        path = self.workdir / f"{args[0]}-{len(self.servers)}.log"
+        log = open(path, "w")  # noqa: SIM115 - lives with the process
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.server_env}
         proc = subprocess.Popen(llmswarm_command(*args), stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                 start_new_session=True)  # Ctrl-C reaches only us; we stop them in order
         self._spawned[proc.pid] = time.monotonic()
+        self._logs[proc.pid] = path
         return proc
 
     def _read_line(self, proc: subprocess.Popen, what: str, timeout_s: float = START_TIMEOUT_S) -> str:
@@ -146,6 +156,14 @@ class LocalSwarm:
                 if line:
                     return line
             if proc.poll() is not None:
-                raise NodeError(f"{what} exited with code {proc.returncode} before it was ready "
-                                f"(log: {self.workdir})")
+                raise NodeError(f"{what} exited with code {proc.returncode} before it was ready: "
+                                f"{self._last_line(proc.pid)}")
         raise NodeError(f"{what} was not ready within {timeout_s:g} s")
+
+    def _last_line(self, pid: int) -> str:
+        """The child's own last word on stderr (its one-line error), read before the folder is removed."""
+        try:
+            lines = [ln.strip() for ln in self._logs[pid].read_text(errors="replace").splitlines() if ln.strip()]
+        except (KeyError, OSError):
+            return "(no log)"
+        return lines[-1][:500] if lines else "(it printed nothing)"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import trio
-from llmswarm.bench.local_swarm import LocalSwarm, even_spans
+from llmswarm.bench.local_swarm import LocalSwarm, even_spans, model_arg
 from llmswarm.models.chat import Conversation
 from llmswarm.models.checkpoint import Checkpoint, locate
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, generation_steps, run_sync
@@ -62,7 +62,7 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
         return generation_steps(client.parts, prompt, 0, new_tokens, greedy, stop_ids=set())
 
     spans = even_spans(cfg.num_blocks, servers)
-    with LocalSwarm(spec.name, spans, announce_period_s=2.0, dtype=dtype, progress=progress) as swarm:
+    with LocalSwarm(model_arg(spec), spans, announce_period_s=2.0, dtype=dtype, progress=progress) as swarm:
         announce_s = [r["seconds_to_announce"] for r in swarm.ready]
         process_s = [r["seconds_process_to_announced"] for r in swarm.ready]
 
@@ -278,7 +278,7 @@ def bench_server(model: str = "smollm2-135m", sessions: Sequence[int] = SERVER_S
         step = parts.embed(ids[None, -1:]).to(torch_dtype).clone()
     del parts
 
-    with LocalSwarm(model, [(0, cfg.num_blocks)], announce_period_s=5.0, dtype=dtype,
+    with LocalSwarm(model_arg(spec), [(0, cfg.num_blocks)], announce_period_s=5.0, dtype=dtype,
                     extra_join_args=_server_args(ns[-1], max_length), progress=progress) as swarm:
         ready = swarm.ready[0]
         hop = Hop(ready["peer_id"], 0, cfg.num_blocks)

@@ -59,10 +59,12 @@ def _register() -> None:
 
 
 def _exit_code(exc: BaseException) -> int | None:
-    from llmswarm.models.errors import ModelError
+    from llmswarm.models.errors import LengthError, ModelError
     from llmswarm.node.errors import NodeError
     from llmswarm.routing.errors import RoutingError
 
+    if isinstance(exc, LengthError):
+        return EXIT_USAGE
     if isinstance(exc, ModelError):
         return EXIT_MODEL
     if isinstance(exc, RoutingError | NodeError):

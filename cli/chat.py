@@ -2,57 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import typer
+from llmswarm.node import config
 
 from . import output
-
-DEFAULT_MODEL = "smollm2-135m"
-
-
-@dataclass
-class ChatOptions:
-    model: str
-    prompt: str | None
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    dtype: str | None
-    device: str
-    max_length: int
-    system: str | None
-    json_out: bool
-    peers: list[str]
-    show_route: bool
-    solver: str
-    prefer: str
-    identity: str | None
-    step_timeout: float = 30.0
-    relay: bool = True
-    wire_dtype: str | None = None
+from .params import check_device, split_peers
 
 
 def chat(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model name (see `llmswarm models`) or folder."),
+    model: str = typer.Option(config.DEFAULT_MODEL, "--model", "-m",
+                              help="Model name (see `llmswarm models`) or folder."),
     local: bool = typer.Option(False, "--local", help="Run every block in this process, no swarm."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this once and exit (else: interactive chat)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1, help="Most tokens per answer."),
+    max_new_tokens: int = typer.Option(config.DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", "-n", min=1,
+                                       help="Most tokens per answer."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (the default)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
     dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-    max_length: int = typer.Option(2048, "--max-length", min=16, help="Tokens a session may hold, prompt included."),
+    max_length: int = typer.Option(config.DEFAULT_SESSION_LENGTH, "--max-length", min=16,
+                                   max=config.MAX_SESSION_LENGTH, help="Tokens a session may hold, prompt included."),
     system: str = typer.Option(None, "--system", help="System message for the chat template."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per answer instead of streaming."),
     peers: list[str] = typer.Option([], "--peers", envvar="LLMSWARM_PEERS", help="Bootstrap multiaddrs."),
     show_route: bool = typer.Option(False, "--show-route", help="Print the chain of servers before answering."),
-    solver: str = typer.Option("nsga2", "--solver", help="Route solver: nsga2 | exact | dijkstra."),
-    prefer: str = typer.Option("balanced", "--prefer", help="latency | throughput | balanced."),
+    solver: str = typer.Option(config.DEFAULT_SOLVER, "--solver", help="Route solver: nsga2 | exact | dijkstra."),
+    prefer: str = typer.Option(config.DEFAULT_PREFER, "--prefer", help="latency | throughput | balanced."),
     identity: str = typer.Option(None, "--identity", help="Key file for this node's peer id."),
-    step_timeout: float = typer.Option(30.0, "--step-timeout", min=0.1,
+    step_timeout: float = typer.Option(config.STEP_TIMEOUT_S, "--step-timeout", min=0.1,
                                        help="Seconds a server may take for one step before it is replaced."),
     relay: bool = typer.Option(True, "--relay/--no-relay",
                                help="Servers pass hidden states straight to the next server (else via this client)."),
@@ -61,43 +39,50 @@ def chat(
                                         "(default: the model's dtype, lossless)."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
-    opts = ChatOptions(model, prompt, max_new_tokens, temperature, top_p, seed, dtype, device, max_length,
-                       system, json_out, _split_peers(peers), show_route, solver, prefer, identity, step_timeout,
-                       relay, wire_dtype)
-    if local:
-        _chat_local(opts)
-    else:
-        from llmswarm.node.client.chat import run_chat
+    from llmswarm.node.client.chat import ChatOptions
 
-        run_chat(opts, ask=_ask, render=_render(opts), progress=output.progress)
-
-
-def _split_peers(peers: list[str]) -> list[str]:
-    # LLMSWARM_PEERS may hold several addresses separated by spaces or commas.
-    return [p for item in peers for p in item.replace(",", " ").split()]
+    check_device(device)
+    opts = ChatOptions(model=model, prompt=prompt, local=local, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=device,
+                       max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
+                       solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
+                       wire_dtype=wire_dtype)
+    run_chat_rendered(opts, json_out)
 
 
-def _ask() -> str | None:
-    """The next user message, or None at end of input."""
-    try:
-        output.err.print("[bold cyan]you>[/bold cyan] ", end="")
-        return input()
-    except EOFError:
-        return None
+def run_chat_rendered(opts, json_out: bool) -> None:
+    """Run a chat with this terminal as its person: streamed text, or one JSON record per answer."""
+    from llmswarm.node.client.chat import run_chat
+
+    with output.progress(not json_out) as report:
+        events = ChatRender(json_out, report)
+        if opts.prompt is None:
+            output.info("interactive chat: type a message, Ctrl-D to quit")
+        run_chat(opts, events)
 
 
-class _render:
-    """How answers reach the person: streamed text, or one JSON record per answer."""
+class ChatRender:
+    """How a chat reaches the person (node/client/chat.py's ChatEvents)."""
 
-    def __init__(self, opts: ChatOptions) -> None:
-        self.opts = opts
+    def __init__(self, json_out: bool, report) -> None:
+        self.json_out, self.report = json_out, report
+
+    def progress(self, task: str, done: float, total: float | None) -> None:
+        self.report(task, done, total)
+
+    def ask(self) -> str | None:
+        try:
+            output.err.print("[bold cyan]you>[/bold cyan] ", end="")
+            return input()
+        except EOFError:
+            return None
 
     def text(self, piece: str) -> None:
-        if not self.opts.json_out:
+        if not self.json_out:
             output.stream_text(piece)
 
     def done(self, result) -> None:
-        if self.opts.json_out:
+        if self.json_out:
             output.print_json(result)
         else:
             output.stream_text("\n")
@@ -109,46 +94,4 @@ class _render:
 
     def route(self, lines: list[str]) -> None:
         for line in lines:
-            output.err.print(line)
-
-
-def _chat_local(opts: ChatOptions) -> None:
-    from llmswarm.models.chat import ChatTurn, Conversation
-    from llmswarm.models.generate import Sampler, Sampling, run_sync
-    from llmswarm.models.local import LocalChain, load_client_model
-    from llmswarm.models.registry import resolve
-    from llmswarm.models.span import load_span, parse_dtype
-
-    _check_device(opts.device)
-    spec = resolve(opts.model)
-    dtype = parse_dtype(opts.dtype, opts.device)
-    with output.progress(not opts.json_out) as report:
-        model = load_client_model(spec, dtype, opts.device, report, with_blocks=True)
-        span = load_span(model.ckpt, 0, model.cfg.num_blocks, dtype, opts.device, report)
-    chain = LocalChain([span], opts.max_length)
-    sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
-    conv = Conversation(model.tokenizer, opts.system)
-    render = _render(opts)
-    for user_text in _turns(opts):
-        turn = ChatTurn(model, conv, user_text, opts.max_new_tokens, sampler, render.text)
-        render.done(turn.finish(run_sync(turn.steps, chain)))
-
-
-def _turns(opts: ChatOptions):
-    if opts.prompt is not None:
-        yield opts.prompt
-        return
-    output.info("interactive chat: type a message, Ctrl-D to quit")
-    while (text := _ask()) is not None:
-        if text.strip():
-            yield text
-
-
-def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise typer.BadParameter(f"unknown device {device!r}: use cpu or cuda", param_hint="--device")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise typer.BadParameter("no CUDA GPU is visible to torch: use --device cpu", param_hint="--device")
+            output.err.print(line, soft_wrap=True)

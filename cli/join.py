@@ -8,18 +8,7 @@ from typing import Any
 import typer
 
 from . import output
-
-
-def _parse_blocks(blocks: str | None) -> tuple[int, int] | None:
-    if blocks is None:
-        return None
-    try:
-        a, b = (int(x) for x in blocks.split(":"))
-    except ValueError:
-        raise typer.BadParameter(f"{blocks!r} is not START:END (e.g. 0:10)", param_hint="--blocks") from None
-    if not 0 <= a < b:
-        raise typer.BadParameter(f"{blocks!r}: need 0 <= START < END", param_hint="--blocks")
-    return a, b
+from .params import check_device, parse_blocks, split_peers
 
 
 def join(
@@ -43,15 +32,14 @@ def join(
 ) -> None:
     """Serve a span of a model's blocks to the swarm until Ctrl-C."""
     import trio
-    from llmswarm.cli.chat import _check_device, _split_peers
     from llmswarm.node.host import quiet_libp2p_logging
     from llmswarm.node.server.process import ServeOptions, serve
 
-    _check_device(device)
+    check_device(device)
     if blocks is not None and num_blocks is not None:
         raise typer.BadParameter("give --blocks or --num-blocks, not both")
     quiet_libp2p_logging()
-    opts = ServeOptions(model=model, blocks=_parse_blocks(blocks), num_blocks=num_blocks, peers=_split_peers(peers),
+    opts = ServeOptions(model=model, blocks=parse_blocks(blocks), num_blocks=num_blocks, peers=split_peers(peers),
                         port=port, listen_host=host, device=device, dtype=dtype, public_name=public_name,
                         max_sessions=max_sessions, cache_tokens=cache_tokens, announce_period_s=announce_period,
                         identity=identity, rebalance_period_s=rebalance_period)
@@ -96,7 +84,6 @@ def bootstrap(
 ) -> None:
     """Run a node that only helps others meet; prints its multiaddr on the first line."""
     import trio
-    from llmswarm.cli.chat import _split_peers
     from llmswarm.node.discovery.bootstrap import run_bootstrap
     from llmswarm.node.host import quiet_libp2p_logging
 
@@ -107,7 +94,7 @@ def bootstrap(
 
         async with trio.open_nursery() as nursery:
             addr = await nursery.start(lambda task_status: run_bootstrap(
-                port, identity, task_status, listen_host=host, peers=_split_peers(peers)))
+                port, identity, task_status, listen_host=host, peers=split_peers(peers)))
             output.console.print(addr, soft_wrap=True)
             output.err.print("bootstrap peer running: give the line above to `join` and `chat` as --peers; "
                              "Ctrl-C stops")

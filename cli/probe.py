@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import output
+from .params import split_peers
 
 
 def probe(
@@ -15,14 +16,13 @@ def probe(
 ) -> None:
     """Measure round-trip time to every known server (median, jitter, loss) with sub-ms resolution."""
     import trio
-    from llmswarm.cli.chat import _split_peers
     from llmswarm.models.registry import resolve
     from llmswarm.node.discovery.probe import probe as run_probe
     from llmswarm.node.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()
     name = resolve(model).name if model else None
-    rows = trio.run(run_probe, _split_peers(peers), name, count)
+    rows = trio.run(run_probe, split_peers(peers), name, count)
     if json_out:
         output.print_json({"servers": rows})
         return

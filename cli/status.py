@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from . import output
+from .params import split_peers
 
 BAR_MAX_CHARS = 80  # wider models are drawn with several blocks per character
 
@@ -28,14 +29,13 @@ def status(
 ) -> None:
     """Live view of the swarm: block coverage per model and every server's load. `q` or Ctrl-C quits."""
     import trio
-    from llmswarm.cli.chat import _split_peers
     from llmswarm.models.registry import resolve
     from llmswarm.node.discovery.status import fetch_status, watch_status
     from llmswarm.node.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()
     name = resolve(model).name if model else None
-    addrs = _split_peers(peers)
+    addrs = split_peers(peers)
     if once or json_out:
         snap = trio.run(fetch_status, addrs, name)
         if json_out:

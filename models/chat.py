@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, LengthError
 from .generate import GenerationResult, Sampler, Steps, generation_steps
 
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
@@ -110,9 +110,23 @@ class ChatTurn:
     """One user message -> one reply, independent of how the blocks are run."""
 
     def __init__(self, model: Any, conv: Conversation, user_text: str, max_new_tokens: int,
-                 sampler: Sampler, on_text: Callable[[str], None] = lambda _: None) -> None:
+                 sampler: Sampler, on_text: Callable[[str], None] = lambda _: None,
+                 max_length: int | None = None) -> None:
+        """`max_length`: the most tokens the caches hold (prompt and answer). A conversation that
+        does not fit is refused before any block runs; an answer that would not fit stops there
+        (`truncated`), with what was generated so far."""
         self.model, self.conv = model, conv
         self.prompt = conv.prompt_ids(user_text)
+        if max_length is not None:
+            room = max_length - len(self.prompt)
+            if room < 1:
+                conv.messages.pop()  # the turn never happened: the conversation stays usable
+                raise LengthError(f"the conversation is {len(self.prompt)} tokens, --max-length is {max_length}: "
+                                  "shorten the message or pass a larger --max-length")
+            self.truncated = room < max_new_tokens
+            max_new_tokens = min(max_new_tokens, room)
+        else:
+            self.truncated = False
         feed, position = conv.split(self.prompt)
         self.stream = TextStream(model.tokenizer)
         self.steps: Steps = generation_steps(

@@ -15,3 +15,7 @@ class CheckpointError(ModelError):
 
 class CacheFullError(ModelError):
     """A session asked for more KV-cache positions than it was given."""
+
+
+class LengthError(ModelError):
+    """A prompt or session longer than the length asked for (--max-length) or allowed."""

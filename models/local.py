@@ -59,6 +59,7 @@ class LocalChain:
 
     def __call__(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         for span, cache in zip(self.spans, self.caches, strict=True):
+            cache.reserve(position, hidden.shape[1])
             hidden = span.forward(hidden, cache, position)
         return hidden
 

@@ -90,7 +90,7 @@ class PagePool:
         return PagedSequence(self, max_length)
 
     def batch(self, seqs: list[PagedSequence], positions: list[int]) -> PagedBatch:
-        """One decode step (one new token each) of `seqs` at `positions`; reserves their room first."""
+        """One decode step (one new token each) of `seqs` at `positions` (each has reserved its room)."""
         return PagedBatch(self, seqs, positions)
 
     def _take(self, after: int | None, wanted: int) -> int:
@@ -223,19 +223,16 @@ class PagedBatch:
     value at its own slot and returns each row's keys and values, a list of `[1, kv_heads, S_i, D]`
     (zero-copy views for contiguous sequences). Attention then runs once per row: measured on CPU,
     that beats gathering every row into one padded tensor for a single SDPA call, because the
-    gather moves all the keys twice where the per-row calls read them once in place. Reserves each
-    session's room when built, so a full pool raises `CacheFullError` before any layer runs (rows
-    before the failing one may keep a page they took; their lengths do not change)."""
+    gather moves all the keys twice where the per-row calls read them once in place. Every session
+    has reserved its room for this step before (`seq.reserve(position, 1)`)."""
 
     def __init__(self, pool: PagePool, seqs: list[PagedSequence], positions: list[int]) -> None:
         if len(seqs) != len(positions):
             raise ValueError(f"{len(seqs)} sequences but {len(positions)} positions")
         if len({id(s) for s in seqs}) != len(seqs):
             raise ValueError("a sequence appears twice in one batch")
-        for seq, position in zip(seqs, positions, strict=True):
-            if seq.pool is not pool:
-                raise ValueError("every sequence of a batch must come from the same pool")
-            seq.reserve(position, 1)
+        if any(seq.pool is not pool for seq in seqs):
+            raise ValueError("every sequence of a batch must come from the same pool")
         self.pool, self.seqs, self.positions = pool, seqs, positions
         ps = pool.page_size
         new_slots = [s.pages[p // ps] * ps + p % ps for s, p in zip(seqs, positions, strict=True)]

@@ -87,12 +87,12 @@ class Span:
     def forward(self, hidden: torch.Tensor, cache: KVCache | PagedSequence, position: int) -> torch.Tensor:
         """hidden [B, T, hidden] for positions position..position+T-1 -> the span's output.
 
-        A position below the cache's length rewinds the session to it first. A `PagedSequence`
-        is one session: B = 1."""
+        The cache's owner has made room first (`cache.reserve(position, T)`, which also rewinds a
+        session to a position below its length): the span assumes it. A `PagedSequence` is one
+        session: B = 1."""
         t = hidden.shape[1]
         if hidden.shape[0] != 1 and isinstance(cache, PagedSequence):
             raise ValueError(f"a PagedSequence holds one session, but hidden has {hidden.shape[0]} rows")
-        cache.reserve(position, t)
         ctx = self.context(position, t)
         hidden = hidden.to(self.dtype)
         for i, block in enumerate(self.blocks):
@@ -105,8 +105,8 @@ class Span:
         """hidden [B, 1, hidden]: B sessions decoding one token each, row i at `positions[i]` of
         `seqs[i]`, run as one batch (every linear layer sees B rows; attention is per row).
 
-        Raises CacheFullError before any layer runs if a session has no room; reserve each session
-        first (`seq.reserve(position, 1)`) to find the one to drop without failing the others."""
+        Each session has made room first (`seq.reserve(position, 1)`): its owner refuses the one
+        that cannot, without failing the others."""
         if hidden.shape[0] != len(seqs) or hidden.shape[1] != 1:
             raise ValueError(f"hidden {tuple(hidden.shape)} is not [{len(seqs)}, 1, hidden] for {len(seqs)} sessions")
         if len(seqs) == 1:  # a lone session reads its keys in place, as KVCache does

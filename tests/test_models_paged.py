@@ -55,6 +55,7 @@ class Session:
         self.next_ids = [token]
 
     def step(self) -> torch.Tensor:
+        self.cache.reserve(self.position, len(self.next_ids))  # the cache's owner makes room; spans assume it
         out = self.span.forward(self.hidden(), self.cache, self.position)
         self.take(out)
         return out
@@ -123,6 +124,8 @@ def test_forward_batch_matches_sessions_alone(model, fragmented):
             refs[1].rewind(refs[1].position - 3, [123])
             pageds[1].rewind(pageds[1].position - 3, [123])
         hidden = torch.cat([p.hidden() for p in pageds])
+        for p in pageds:
+            p.cache.reserve(p.position, 1)
         out = span.forward_batch(hidden, [p.cache for p in pageds], [p.position for p in pageds])
         for row, ref, paged in zip(out, refs, pageds, strict=True):
             torch.testing.assert_close(row[None], ref.step(), rtol=0, atol=1e-5)
@@ -138,6 +141,8 @@ def test_forward_batch_of_one_is_the_lone_path(model):
     pool = span.new_pool(8, page_size=4)
     alone, batched = pool.sequence(), pool.sequence()
     x = client.embed(torch.tensor([[5, 17, 99]]))
+    alone.reserve(0, 1)
+    batched.reserve(0, 1)
     torch.testing.assert_close(span.forward_batch(x[:, :1], [batched], [0]), span.forward(x[:, :1], alone, 0),
                                rtol=0, atol=0)
     with pytest.raises(ValueError):
@@ -205,13 +210,14 @@ def test_allocator_keeps_growing_sequences_contiguous():
 
 
 @pytest.mark.parametrize("model", ["tiny_bloom"], indirect=True)
-def test_forward_batch_full_pool_runs_nothing(model):
+def test_full_pool_refuses_the_step_and_takes_nothing(model):
     span, client = model
     pool = span.new_pool(2, page_size=4)
     a, b = pool.sequence(), pool.sequence()
     x = client.embed(torch.tensor([[5, 17, 99, 3]]))
-    span.forward(x, a, 0)
-    span.forward(x, b, 0)
-    with pytest.raises(CacheFullError):
-        span.forward_batch(x[0, :2, None], [a, b], [4, 4])
-    assert (a.length, b.length) == (4, 4)
+    for seq in (a, b):
+        seq.reserve(0, 4)
+        span.forward(x, seq, 0)
+    with pytest.raises(CacheFullError, match="KV cache is full"):
+        a.reserve(4, 1)
+    assert (a.length, b.length, len(a.pages), pool.free_pages) == (4, 4, 1, 0)

@@ -16,7 +16,8 @@ from llmswarm.node.client.session import open_session
 from llmswarm.node.errors import PeerError, RemoteError
 from llmswarm.node.host import open_host, quiet_libp2p_logging
 from llmswarm.node.server.span_server import SpanServer
-from llmswarm.node.wire.codec import Frame, MsgType, OpenRequest
+from llmswarm.node.wire.codec import Frame, MsgType
+from llmswarm.node.wire.messages import Open
 from llmswarm.routing import Hop
 
 quiet_libp2p_logging()
@@ -185,7 +186,7 @@ def test_attach_is_refused_from_another_peer_or_for_an_unknown_session(tiny_llam
     async def fn(swarm, whole):
         # a session on server 1 that names server 0 as its upstream
         s1 = await swarm.client.open_stream(swarm.hosts[1].peer_id, config.PROTOCOL_INFERENCE)
-        opened = await s1.request(OpenRequest(MODEL, 2, 4, 32, upstream=swarm.hosts[0].peer_id).frame())
+        opened = await s1.request(Open(MODEL, 2, 4, 32, upstream=swarm.hosts[0].peer_id).to_frame())
         session = opened.header["session"]
         for sid in (session, "0" * 32):  # the client is not server 0; an unknown id gets the same answer
             stream = await swarm.client.open_stream(swarm.hosts[1].peer_id, config.PROTOCOL_INFERENCE)

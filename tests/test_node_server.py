@@ -15,7 +15,8 @@ from llmswarm.node.client.session import open_session
 from llmswarm.node.errors import RemoteError
 from llmswarm.node.host import open_host, quiet_libp2p_logging
 from llmswarm.node.server.span_server import SpanServer
-from llmswarm.node.wire.codec import Frame, MsgType, OpenRequest, parse_output, raise_if_error, step_frame
+from llmswarm.node.wire.codec import Frame, MsgType
+from llmswarm.node.wire.messages import Error, Open, Output, Step
 from llmswarm.routing import Hop
 
 quiet_libp2p_logging()
@@ -43,15 +44,14 @@ def _serve(folder, fn, **server_kw):
 
 async def _open(cli, peer, start=0, end=6, max_length=32, model=MODEL):
     stream = await cli.open_stream(peer, config.PROTOCOL_INFERENCE)
-    reply = await stream.request(OpenRequest(model, start, end, max_length).frame())
+    reply = await stream.request(Open(model, start, end, max_length).to_frame())
     assert reply.type == MsgType.OPENED
     return stream
 
 
 async def _step(stream, position, hidden):
-    frame, _keep = step_frame(position, hidden)
-    await stream.send(frame)
-    return parse_output(await stream.recv(), hidden.shape[-1], hidden.shape[1])
+    await stream.send(Step(0, position, hidden).to_frame())
+    return Output.from_frame(await stream.recv(), hidden.shape[-1], hidden.shape[1]).hidden
 
 
 def test_protocol_output_equals_local_span(tiny_llama):
@@ -69,15 +69,15 @@ def test_protocol_output_equals_local_span(tiny_llama):
 
 
 BAD_STEPS = {
-    "wrong hidden size": lambda: step_frame(0, torch.zeros(1, 2, 63))[0],
+    "wrong hidden size": lambda: Step(0, 0, torch.zeros(1, 2, 63)).to_frame(),
     "wrong rank": lambda: Frame(MsgType.STEP, {"position": 0, "tensor": {"dtype": "float32", "shape": [2, 64]}},
                                 bytes(2 * 64 * 4)),
     "bad dtype": lambda: Frame(MsgType.STEP, {"position": 0, "tensor": {"dtype": "int64", "shape": [1, 1, 64]}},
                                bytes(64 * 8)),
     "body shorter than shape": lambda: Frame(MsgType.STEP, {"position": 0,
                                              "tensor": {"dtype": "float32", "shape": [1, 1, 64]}}, bytes(10)),
-    "past max length": lambda: step_frame(30, torch.zeros(1, 5, 64))[0],
-    "position beyond cache": lambda: step_frame(7, torch.zeros(1, 1, 64))[0],
+    "past max length": lambda: Step(0, 30, torch.zeros(1, 5, 64)).to_frame(),
+    "position beyond cache": lambda: Step(0, 7, torch.zeros(1, 1, 64)).to_frame(),
     "negative position": lambda: Frame(MsgType.STEP, {"position": -1}, b""),
     "not a step": lambda: Frame(MsgType.PING, {}),
 }
@@ -91,7 +91,7 @@ def test_bad_step_is_answered_and_good_session_continues(tiny_llama, case):
         first = await _step(good, 0, x)
         await bad.send(BAD_STEPS[case]())
         with pytest.raises(RemoteError) as err:
-            raise_if_error(await bad.recv())
+            Error.raise_if(await bad.recv())
         assert err.value.code in ("bad_request", "cache_full") and str(err.value)
         # the bad session is still usable, and the good one was never disturbed
         await _step(bad, 0, x)
@@ -111,23 +111,23 @@ def test_garbage_and_oversized_frames_are_refused(tiny_llama, raw):
         bad = await cli.open_stream(peer, config.PROTOCOL_INFERENCE)
         await bad.stream.write(raw)
         with pytest.raises(RemoteError, match="bad magic|exceeds|limit"):
-            raise_if_error(await bad.recv())
+            Error.raise_if(await bad.recv())
         await _step(good, 0, torch.randn(1, 2, 64))  # still served
 
     _serve(tiny_llama, fn)
 
 
 @pytest.mark.parametrize("request_,code", [
-    (OpenRequest("other-model", 0, 6, 32), "wrong_model"),
-    (OpenRequest(MODEL, 2, 9, 32), "wrong_span"),
-    (OpenRequest(MODEL, 0, 6, config.MAX_SESSION_LENGTH + 1), "too_long"),
-    (OpenRequest(MODEL, 0, 6, 4096), "cache_full"),
+    (Open("other-model", 0, 6, 32), "wrong_model"),
+    (Open(MODEL, 2, 9, 32), "wrong_span"),
+    (Open(MODEL, 0, 6, config.MAX_SESSION_LENGTH + 1), "too_long"),
+    (Open(MODEL, 0, 6, 4096), "cache_full"),
 ])
 def test_open_refusals_name_the_reason(tiny_llama, request_, code):
     async def fn(cli, peer, span, server):
         stream = await cli.open_stream(peer, config.PROTOCOL_INFERENCE)
         with pytest.raises(RemoteError) as err:
-            await stream.request(request_.frame())
+            await stream.request(request_.to_frame())
         assert err.value.code == code
 
     _serve(tiny_llama, fn, cache_tokens=1000)
@@ -138,7 +138,7 @@ def test_session_limit_and_idle_timeout(tiny_llama):
         first = await _open(cli, peer)
         stream = await cli.open_stream(peer, config.PROTOCOL_INFERENCE)
         with pytest.raises(RemoteError) as err:
-            await stream.request(OpenRequest(MODEL, 0, 6, 32).frame())
+            await stream.request(Open(MODEL, 0, 6, 32).to_frame())
         assert err.value.code == "busy"
         await trio.sleep(0.6)  # idle past the timeout: the server closes the session, frees its cache
         assert server.stats.sessions == 0 and server.cache_tokens_left == server.cache_tokens

@@ -1,4 +1,4 @@
-"""Wire format v1: round trips and every malformed input -> WireError."""
+"""Wire codec and framed stream: round trips and every malformed input -> WireError."""
 
 import struct
 
@@ -6,19 +6,18 @@ import pytest
 import torch
 import trio
 from llmswarm.node import config
-from llmswarm.node.errors import PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.errors import ErrorCode, PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.wire.codec import (
     PREFIX,
     Frame,
-    FramedStream,
     MsgType,
     decode_frame,
     decode_tensor,
     encode_frame,
     encode_tensor,
-    error_frame,
-    raise_if_error,
 )
+from llmswarm.node.wire.messages import Error
+from llmswarm.node.wire.stream import FramedStream
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -108,10 +107,10 @@ def test_encode_frame_refuses_oversized_header():
 
 def test_error_frame_raises_remote_error():
     with pytest.raises(RemoteError) as info:
-        raise_if_error(decode_frame(encode_frame(error_frame("busy", "no cache left"))))
-    assert info.value.code == "busy" and "no cache left" in str(info.value)
+        Error.raise_if(decode_frame(encode_frame(Error(ErrorCode.BUSY, "no cache left").to_frame())))
+    assert info.value.code is ErrorCode.BUSY and info.value.code.transient and "no cache left" in str(info.value)
     pong = Frame(MsgType.PONG)
-    assert raise_if_error(pong) is pong
+    assert Error.raise_if(pong) is pong
 
 
 class _FakeStream:

@@ -1,43 +1,72 @@
-"""The swarm client: find the servers of a model, choose a chain, open a session, chat through it.
+"""`llmswarm chat`, one loop for both ways of running the blocks: every block in this process
+(`--local`, the reference) or a chain of servers found in the swarm.
 
-Runs in one trio thread: the host, the directory, and the generation loop (whose embedding and head
-run inline: nothing else on this loop needs to run while they compute, and a second thread would
-only add a hand-off and GIL contention to every token).
+The CLI hands over its options and a `ChatEvents` object; everything a person sees goes through
+those events (text pieces, finished answers, notes, the route), and the next user message comes from
+`events.ask()`. Runs in one trio thread: the host, the directory, and the generation loop (whose
+embedding and head run inline: nothing else on this loop needs to run while they compute, and a
+second thread would only add a hand-off and GIL contention to every token).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import trio
-from llmswarm.models.chat import ChatTurn, Conversation
+from llmswarm.models.chat import ChatTurn, Conversation, TurnResult
+from llmswarm.models.errors import LengthError
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, Steps
-from llmswarm.models.local import ClientModel, load_client_model
+from llmswarm.models.local import ClientModel, LocalChain, load_client_model
 from llmswarm.models.registry import resolve
-from llmswarm.models.span import parse_dtype
+from llmswarm.models.span import load_span, parse_dtype
 from llmswarm.node import config
-from llmswarm.node.client.session import Bans, Replan, open_session
-from llmswarm.node.discovery.directory import Directory, open_directory
-from llmswarm.node.discovery.swarm_view import (
-    coverage_gaps,
-    dial_records,
-    live_records,
-    measure_rtts,
-    require_peers,
-    to_snapshot,
-)
-from llmswarm.node.errors import WireError
-from llmswarm.node.host import Host, ephemeral_host, open_host
-from llmswarm.node.wire.codec import DTYPES
-from llmswarm.routing import Hop, NoRouteError, SolveResult, solve
+from llmswarm.node.client.route import make_replan, plan_route, route_lines, wire_dtype
+from llmswarm.node.client.session import open_session
+from llmswarm.node.discovery.directory import open_directory
+from llmswarm.node.discovery.swarm_view import require_peers
+from llmswarm.node.host import ephemeral_host, open_host, quiet_libp2p_logging
 
-CHAT_SOLVE_BUDGET_S = 0.3  # NSGA-II time budget when a chat picks its route
+StepFn = Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]
 
 
-async def drive(steps: Steps, step: Callable[..., Any]) -> GenerationResult:
+@dataclass
+class ChatOptions:
+    model: str = config.DEFAULT_MODEL
+    prompt: str | None = None  # answer this once; None: ask for messages until the end of input
+    local: bool = False
+    max_new_tokens: int = config.DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    max_length: int = config.DEFAULT_SESSION_LENGTH
+    system: str | None = None
+    peers: list[str] = field(default_factory=list)
+    show_route: bool = False
+    solver: str = config.DEFAULT_SOLVER
+    prefer: str = config.DEFAULT_PREFER
+    identity: str | None = None
+    step_timeout: float = config.STEP_TIMEOUT_S
+    relay: bool = True
+    wire_dtype: str | None = None
+
+
+class ChatEvents(Protocol):
+    """What the CLI is told while a chat runs (it renders; we never print)."""
+
+    def progress(self, task: str, done: float, total: float | None) -> None: ...
+    def ask(self) -> str | None: ...  # the next user message; None at the end of input (blocking)
+    def route(self, lines: list[str]) -> None: ...
+    def text(self, piece: str) -> None: ...
+    def done(self, result: TurnResult) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+async def drive(steps: Steps, step: StepFn) -> GenerationResult:
     """Drive the sans-IO generation loop with an async block runner."""
     try:
         hidden, position = next(steps)
@@ -47,123 +76,65 @@ async def drive(steps: Steps, step: Callable[..., Any]) -> GenerationResult:
         return done.value
 
 
-async def wait_for_coverage(directory: Directory, model: str, num_blocks: int,
-                            timeout_s: float = config.COVERAGE_WAIT_S) -> list:
-    """Live records of `model` once they cover every block; NoRouteError naming the gap otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = live_records(directory.records(model), model)
-        gaps = coverage_gaps(records, num_blocks)
-        if records and not gaps:
-            return records
-        if time.monotonic() > deadline:
-            where = ", ".join(f"{a}:{b}" for a, b in gaps) if records else f"0:{num_blocks}"
-            raise NoRouteError(f"no server of {model} covers blocks {where} (waited {timeout_s:g} s): "
-                               f"start one with `llmswarm join --model {model} --blocks {where.split(',')[0]}`")
-        await trio.sleep(0.25)
-        await directory.refresh()
-
-
-async def plan_route(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
-                     max_length: int, banned: frozenset[str] = frozenset(),
-                     coverage_wait_s: float = config.COVERAGE_WAIT_S) -> tuple[SolveResult, dict[str, str]]:
-    name, num_blocks = model.spec.name, model.cfg.num_blocks
-    records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
-    usable = [r for r in records if r.peer_id not in banned]  # excluded anyway: no dial, no ping timeout
-    await dial_records(host, usable)
-    rtts = await measure_rtts(host, [r.peer_id for r in usable])
-    snapshot = to_snapshot(records, name, num_blocks, rtts)
-    result = solve(snapshot, solver=solver, prefer=prefer, seed=0, banned=banned, need_cache_tokens=max_length,
-                   time_budget_s=CHAT_SOLVE_BUDGET_S)
-    names = {r.peer_id: r.public_name or r.peer_id[-8:] for r in records}
-    return result, names
-
-
-def make_replan(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
-                max_length: int) -> Replan:
-    """How a session finds a new chain after a failure: without the banned servers, except those that
-    died and answer again (restarted), waiting up to FAILOVER_WAIT_S for a route to exist."""
-    name = model.spec.name
-
-    async def replan(bans: Bans) -> list[Hop]:
-        deadline = time.monotonic() + config.FAILOVER_WAIT_S
-        while True:
-            await directory.refresh()
-            try:
-                result, _ = await plan_route(host, directory, model, solver, prefer, max_length, bans.active(),
-                                             coverage_wait_s=0.0)
-                return result.chosen.chain
-            except NoRouteError as e:
-                if time.monotonic() > deadline:
-                    raise NoRouteError(f"no route for {name} without the failed servers after waiting "
-                                       f"{config.FAILOVER_WAIT_S:g} s ({e})") from None
-            # No route without them: has a server that died come back (restarted, same peer id)?
-            if liftable := bans.liftable():
-                records = [r for r in live_records(directory.records(name), name) if r.peer_id in liftable]
-                for r in records:
-                    await host.disconnect(r.peer_id)
-                await dial_records(host, records)
-                for peer_id in await measure_rtts(host, [r.peer_id for r in records], count=1):
-                    bans.lift(peer_id)
-            await trio.sleep(0.2)
-
-    return replan
-
-
-def route_lines(result: SolveResult, names: dict[str, str]) -> list[str]:
-    chain = " -> ".join(f"{names.get(h.peer_id, h.peer_id[-8:])} [{h.start}:{h.end})" for h in result.chosen.chain)
-    return [f"route: {chain}",
-            f"  {result.chosen.latency_s * 1000:.1f} ms/step estimated, {result.solver}: {result.reason}"]
-
-
-def wire_dtype(name: str | None) -> torch.dtype | None:
-    """--wire-dtype: None (the model's dtype) or one of the wire's dtypes; a clear error otherwise."""
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise WireError(f"unknown --wire-dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def run_chat(opts: Any, ask: Callable[[], str | None], render: Any, progress: Callable) -> None:
-    """`llmswarm chat` without --local. `opts` is cli.chat.ChatOptions."""
-    require_peers(opts.peers)
-    wire_dtype(opts.wire_dtype)  # fail before loading anything
+def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
+    """`llmswarm chat`: load the client's parts (all blocks too with --local), then converse."""
+    if not opts.local:
+        require_peers(opts.peers)
+        wire_dtype(opts.wire_dtype)  # fail before loading anything
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
-    with progress(not opts.json_out) as report:
-        model = load_client_model(spec, dtype, opts.device, report)
-    trio.run(_chat, opts, model, ask, render)
+    model = load_client_model(spec, dtype, opts.device, events.progress, with_blocks=opts.local)
+    if opts.local:
+        span = load_span(model.ckpt, 0, model.cfg.num_blocks, dtype, opts.device, events.progress)
+        chain = LocalChain([span], opts.max_length)
+
+        async def local_step(hidden: torch.Tensor, position: int) -> torch.Tensor:
+            return chain(hidden, position)
+
+        trio.run(converse, opts, model, local_step, events)
+    else:
+        trio.run(_swarm_chat, opts, model, events)
 
 
-async def _chat(opts: Any, model: ClientModel, ask: Callable[[], str | None], render: Any) -> None:
-    from llmswarm.node.host import quiet_libp2p_logging
-
+async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents) -> None:
     quiet_libp2p_logging()
     # A client needs no stable peer id unless the user asks for one (--identity FILE).
     host_cm = open_host(opts.identity) if opts.identity else ephemeral_host()
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length)
         if opts.show_route:
-            render.route(route_lines(result, names))
-        chain = result.chosen.chain
+            events.route(route_lines(result, names))
         replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length)
-        async with open_session(host, chain, model.spec.name, model.cfg.hidden_size, opts.max_length, model.dtype,
-                                replan=replan, notify=render.note, step_timeout_s=opts.step_timeout,
+        async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
+                                model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
-            sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
-            conv = Conversation(model.tokenizer, opts.system)
-            while (text := await _next_turn(opts, ask)) is not None:
-                turn = ChatTurn(model, conv, text, opts.max_new_tokens, sampler, render.text)
-                render.done(turn.finish(await drive(turn.steps, session.step)))
-                if opts.prompt is not None:
-                    break
+            await converse(opts, model, session.step, events)
 
 
-async def _next_turn(opts: Any, ask: Callable[[], str | None]) -> str | None:
+async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: ChatEvents) -> None:
+    """The chat loop: one turn per user message (or just `opts.prompt`), however the blocks run."""
+    sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
+    conv = Conversation(model.tokenizer, opts.system)
+    while (text := await _next_message(opts, events)) is not None:
+        try:
+            turn = ChatTurn(model, conv, text, opts.max_new_tokens, sampler, events.text, max_length=opts.max_length)
+        except LengthError as e:
+            if opts.prompt is not None:
+                raise
+            events.note(str(e))  # interactive: the person can send a shorter message
+            continue
+        if turn.truncated:
+            events.note(f"the answer may stop early: the conversation is {len(turn.prompt)} tokens and "
+                        f"--max-length is {opts.max_length}; pass a larger --max-length for longer answers")
+        events.done(turn.finish(await drive(turn.steps, step)))
+        if opts.prompt is not None:
+            return
+
+
+async def _next_message(opts: ChatOptions, events: ChatEvents) -> str | None:
     if opts.prompt is not None:
         return opts.prompt
     while True:
-        text = await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
+        text = await trio.to_thread.run_sync(events.ask, abandon_on_cancel=True)
         if text is None or text.strip():
             return text

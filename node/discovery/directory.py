@@ -36,34 +36,17 @@ from typing import Any
 import trio
 from llmswarm.node import config
 from llmswarm.node.discovery.records import RecordStore, ServerRecord, sign_record
-from llmswarm.node.errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.errors import ErrorCode, NodeError, PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.host import Host
-from llmswarm.node.wire.codec import Frame, FramedStream, MsgType
+from llmswarm.node.wire.codec import MsgType
+from llmswarm.node.wire.messages import Ack, RecordPut, Records, RecordsGet
+from llmswarm.node.wire.stream import FramedStream
 
 log = logging.getLogger(__name__)
 
 
 def topic_of(model: str) -> str:
     return config.GOSSIP_TOPIC_PREFIX + model
-
-
-def pack_envelopes(envelopes: Sequence[bytes]) -> tuple[dict[str, Any], bytes]:
-    return {"lengths": [len(e) for e in envelopes]}, b"".join(envelopes)
-
-
-def unpack_envelopes(frame: Frame) -> list[bytes]:
-    lengths = frame.header.get("lengths")
-    if not isinstance(lengths, list) or not all(
-        type(n) is int and 0 < n <= config.MAX_RECORD_BYTES for n in lengths
-    ):
-        raise WireError("RECORDS frame needs a list of record lengths")
-    if sum(lengths) != len(frame.body):
-        raise WireError("RECORDS frame lengths do not add up to its body")
-    out, pos = [], 0
-    for n in lengths:
-        out.append(bytes(frame.body[pos : pos + n]))
-        pos += n
-    return out
 
 
 class Directory:
@@ -121,12 +104,12 @@ class Directory:
             try:
                 new = 0
                 for model in self.models if self.models is not None else [None]:
-                    reply = await stream.request(
-                        Frame(MsgType.RECORDS_GET, {"model": model}), timeout_s=timeout_s
-                    )
-                    if reply.type != MsgType.RECORDS:
-                        raise PeerError(f"bootstrap {addr} answered RECORDS_GET with {reply.type.name}")
-                    new += sum(self._accept(e, "snapshot") for e in unpack_envelopes(reply))
+                    reply = await stream.request(RecordsGet(model).to_frame(), timeout_s=timeout_s)
+                    try:
+                        envelopes = Records.from_frame(reply).envelopes
+                    except WireError as e:
+                        raise PeerError(f"bootstrap {addr} answered RECORDS_GET badly: {e}") from None
+                    new += sum(self._accept(e, "snapshot") for e in envelopes)
             except BaseException:
                 await stream.reset()
                 raise
@@ -157,7 +140,7 @@ class Directory:
                 peer_id = await self._ensure_connected(addr)
                 stream = await self.host.open_stream(peer_id, config.PROTOCOL_RECORDS)
                 try:
-                    await stream.request(Frame(MsgType.RECORD_PUT, {}, data), timeout_s=timeout_s)
+                    await stream.request(RecordPut(data).to_frame(), timeout_s=timeout_s)
                 except BaseException:
                     await stream.reset()
                     raise
@@ -183,24 +166,21 @@ class Directory:
             except PeerClosed:
                 return
             if frame.type == MsgType.RECORDS_GET:
-                model = frame.header.get("model")
-                if model is not None and not isinstance(model, str):
-                    raise RemoteError("bad_request", "model must be a string or null")
-                header, body = pack_envelopes(self.store.envelopes(model))
-                await stream.send(Frame(MsgType.RECORDS, header, body))
+                get = RecordsGet.from_frame(frame)
+                await stream.send(Records(self.store.envelopes(get.model)).to_frame())
             elif frame.type == MsgType.RECORD_PUT:
-                data = bytes(frame.body)
+                data = RecordPut.from_frame(frame).envelope
                 try:
                     record = self.store.put(data)
                 except WireError as e:
-                    raise RemoteError("bad_record", str(e)) from None
+                    raise RemoteError(ErrorCode.BAD_RECORD, str(e)) from None
                 if record is not None and self._nursery is not None:
                     # relay a fresh put into gossip, so subscribers get it pushed
                     self._follow(record.model)
                     self._nursery.start_soon(self._gossip, record.model, data)
-                await stream.send(Frame(MsgType.ACK, {"added": record is not None}))
+                await stream.send(Ack(record is not None).to_frame())
             else:
-                raise RemoteError("bad_request", f"unexpected {frame.type.name} on the records protocol")
+                raise RemoteError(ErrorCode.BAD_REQUEST, f"unexpected {frame.type.name} on the records protocol")
 
     # -- gossip ------------------------------------------------------------------------------------
     async def _subscribe(self, model: str) -> None:

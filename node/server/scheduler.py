@@ -2,7 +2,9 @@
 
 Each session's handler submits its step as a Job and waits. One scheduler task runs what is waiting:
 all waiting one-token steps of sessions that enter the span at the same blocks go through it as one
-batch, each attending to its own paged cache; a multi-token step (a prefill or a replay) runs alone.
+batch, each attending to its own paged cache; a multi-token step (a prefill or a replay) runs alone. The
+scheduler is the one place a step's cache room is reserved: a job that cannot get it is refused
+with CacheFullError, and the rest of its batch runs.
 When other sessions stepped lately and their steps have not arrived yet, the scheduler waits a little
 for them (never more than a fraction of a step's compute); a lone session never waits.
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import trio
+from llmswarm.models.errors import CacheFullError
 from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
 from llmswarm.node import config
@@ -106,6 +109,20 @@ class Scheduler:
             if time.monotonic() >= deadline:
                 return
 
+    @staticmethod
+    def _reserve(batch: list[Job]) -> list[Job]:
+        """Make cache room for every job, here and only here: a job that cannot get it is refused
+        (CacheFullError) and the others run."""
+        ready = []
+        for j in batch:
+            try:
+                j.cache.reserve(j.position, j.hidden.shape[1])
+                ready.append(j)
+            except CacheFullError as e:
+                j.error = e
+                j.done.set()
+        return ready
+
     def _take(self) -> list[Job]:
         self.pending = [j for j in self.pending if not j.cancelled]
         if not self.pending:
@@ -122,6 +139,9 @@ class Scheduler:
         return batch
 
     def _compute(self, batch: list[Job]) -> None:
+        batch = self._reserve(batch)
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             if len(batch) == 1:

@@ -1,14 +1,15 @@
-"""The server side of inference: admit sessions, run their steps through our span, relay or answer.
+"""The server side of inference: admit sessions, run their steps through our span, answer or relay.
 
-One handler task per stream. A stream that begins with OPEN is a client's session; one that begins
-with ATTACH is the previous server of that client's chain feeding the session relayed steps. Every
-frame is validated before it touches the model; a bad one is answered with an ERROR frame (on the
-client's stream, whichever stream it came on) and the session stays usable; anything else that goes
-wrong closes only that session.
+One handler task per stream. A stream that begins with Open is a client's session; one that begins
+with Attach is the previous server of that client's chain feeding the session relayed steps
+(node/server/relay.py). Every frame is validated (node/wire/messages.py) before it touches the
+model; a bad one is answered with an Error on the client's stream, whichever stream it came on,
+and the session stays usable; anything else that goes wrong closes only that session.
 
 The KV cache is a pool of fixed-size pages (models/paged_cache.py) shared by all sessions: a session
 takes pages as it grows, so admission only checks that the session could fit, and the announced
-cache room is the free pages. Steps go through the Scheduler, which batches concurrent decode steps.
+cache room is the free pages. Steps go through the Scheduler, which batches concurrent decode steps
+and reserves each step's pages.
 """
 
 from __future__ import annotations
@@ -25,23 +26,13 @@ from llmswarm.models.errors import CacheFullError
 from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
 from llmswarm.node import config
-from llmswarm.node.errors import PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.errors import ErrorCode, PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.host import Host
+from llmswarm.node.server import relay
 from llmswarm.node.server.scheduler import Job, Scheduler
-from llmswarm.node.wire.codec import (
-    DTYPES,
-    Frame,
-    FramedStream,
-    MsgType,
-    NextHop,
-    OpenRequest,
-    error_frame,
-    output_frame,
-    parse_seq,
-    parse_session_id,
-    parse_step,
-    step_frame,
-)
+from llmswarm.node.wire.codec import DTYPES, Frame, MsgType
+from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Step, parse_seq
+from llmswarm.node.wire.stream import FramedStream
 
 
 @dataclass
@@ -78,6 +69,11 @@ class Session:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     upstream_scope: trio.CancelScope | None = None
 
+    async def send(self, frame: Frame) -> None:
+        """To the client, whichever task answers (its own handler or the upstream feed)."""
+        async with self.send_lock:
+            await self.client.send(frame)
+
 
 class SpanServer:
     def __init__(self, model: str, span: Span, max_sessions: int = config.DEFAULT_MAX_SESSIONS,
@@ -112,13 +108,13 @@ class SpanServer:
 
     # -- streams -----------------------------------------------------------------------------------
     async def handle(self, stream: FramedStream) -> None:
-        """Serve one stream: a session (OPEN) until CLOSE, EOF, idle timeout or a fatal error, or a
-        relay feed (ATTACH) until its session ends."""
+        """Serve one stream: a session (Open) until Close, EOF, idle timeout or a fatal error, or a
+        relay feed (Attach) until its session ends."""
         first = await stream.recv(timeout_s=config.READ_TIMEOUT_S)
         if first.type == MsgType.ATTACH:
-            await self._serve_upstream(stream, first)
+            await relay.serve_upstream(self, stream, first)
             return
-        req = OpenRequest.parse(first)
+        req = Open.from_frame(first)
         span = self._admit(req)
         session = Session(secrets.token_hex(16), span, self.pool.sequence(req.max_length), req.max_length, stream,
                           DTYPES[req.wire_dtype] if req.wire_dtype else None, req.upstream)
@@ -126,28 +122,29 @@ class SpanServer:
         self.stats.sessions += 1
         self.stats.sessions_total += 1
         try:
-            await stream.send(Frame(MsgType.OPENED, {"session": session.id, "max_length": req.max_length,
-                                                     "cache_tokens_left": self.cache_tokens_left}))
+            await stream.send(Opened(session.id, req.max_length, self.cache_tokens_left).to_frame())
             with session.scope:
                 await self._serve_client(session)
         finally:
             self._end(session)
 
-    def _admit(self, req: OpenRequest) -> Span:
+    def _admit(self, req: Open) -> Span:
         if req.model != self.model:
-            raise RemoteError("wrong_model", f"this server serves {self.model}, not {req.model}")
+            raise RemoteError(ErrorCode.WRONG_MODEL, f"this server serves {self.model}, not {req.model}")
         if not self.span.start <= req.start < req.end <= self.span.end:
-            raise RemoteError("wrong_span", f"blocks {req.start}:{req.end} are not all in this server's "
-                                            f"{self.span.start}:{self.span.end}")
+            raise RemoteError(ErrorCode.WRONG_SPAN, f"blocks {req.start}:{req.end} are not all in this server's "
+                                                    f"{self.span.start}:{self.span.end}")
         if not 0 < req.max_length <= config.MAX_SESSION_LENGTH:
-            raise RemoteError("too_long", f"max_length must be 1..{config.MAX_SESSION_LENGTH}, got {req.max_length}")
+            raise RemoteError(ErrorCode.TOO_LONG,
+                              f"max_length must be 1..{config.MAX_SESSION_LENGTH}, got {req.max_length}")
         if self.stats.sessions >= self.max_sessions:
-            raise RemoteError("busy", f"server is at its limit of {self.max_sessions} sessions: try another")
+            raise RemoteError(ErrorCode.BUSY, f"server is at its limit of {self.max_sessions} sessions: try another")
         if req.max_length > self.cache_tokens:
-            raise RemoteError("cache_full", f"this server's whole cache holds {self.cache_tokens} tokens, the "
-                                            f"session asks {req.max_length}: try another or a shorter --max-length")
+            raise RemoteError(ErrorCode.CACHE_FULL, f"this server's whole cache holds {self.cache_tokens} tokens, "
+                                                    f"the session asks {req.max_length}: try another or a shorter "
+                                                    "--max-length")
         if self.pool.free_pages == 0:
-            raise RemoteError("cache_full", "this server's cache is full (no free page): try another server")
+            raise RemoteError(ErrorCode.CACHE_FULL, "this server's cache is full (no free page): try another server")
         return self.span.sub(req.start, req.end)
 
     def _end(self, session: Session) -> None:
@@ -168,81 +165,52 @@ class SpanServer:
                 except PeerClosed:
                     return  # client went away: free the cache quietly
                 if frame.type == MsgType.CLOSE:
-                    await self._send_client(session, Frame(MsgType.CLOSED))
+                    await session.send(Closed().to_frame())
                     return
                 if frame.type == MsgType.STEP:
-                    await self._step(session, frame)
+                    await self.step(session, frame)
                 elif frame.type == MsgType.LINK:
-                    await self._link(session, frame)
+                    await relay.link(self, session, frame)
                 else:
-                    await self._send_client(session, error_frame(
-                        "bad_request", f"expected STEP, LINK or CLOSE, got {frame.type.name}"))
+                    await session.send(Error(ErrorCode.BAD_REQUEST,
+                                             f"expected STEP, LINK or CLOSE, got {frame.type.name}").to_frame())
         finally:
             for other in (session.link, session.upstream):
                 if other is not None:
                     with trio.CancelScope(shield=True):
                         await other.reset()
 
-    async def _serve_upstream(self, stream: FramedStream, first: Frame) -> None:
-        """A stream from the previous server of a chain: relayed STEPs for one of our sessions."""
-        session = self.sessions.get(parse_session_id(first.header.get("session")))
-        if session is None or session.upstream_peer != stream.remote_peer_id:
-            raise RemoteError("unknown_session", "no such session for this peer")  # same answer: no oracle
-        if session.upstream_scope is not None:  # a re-link replaces the old feed
-            session.upstream_scope.cancel()
-        session.upstream, session.upstream_scope = stream, trio.CancelScope()
-        await stream.send(Frame(MsgType.ATTACHED))
-        with session.upstream_scope:
-            while not session.closed:
-                try:
-                    frame = await stream.recv(timeout_s=math.inf)
-                except PeerError:
-                    return  # the previous server went away or was replaced: the client will notice
-                if frame.type == MsgType.STEP and not session.closed:
-                    await self._step(session, frame)
-                elif frame.type == MsgType.CLOSE:
-                    return
-                # anything else from a server is ignored: only the client may be answered
-        await stream.reset()
-
     # -- one step ----------------------------------------------------------------------------------
-    async def _step(self, session: Session, frame: Frame) -> None:
+    async def step(self, session: Session, frame: Frame) -> None:
+        """Run one Step (from the client or relayed by the previous server); answer or relay it."""
         session.last_active = time.monotonic()
         async with session.step_lock:
             try:
-                seq = parse_seq(frame)
-            except WireError as e:
+                step = Step.from_frame(frame, session.span.cfg.hidden_size,
+                                       min(config.MAX_STEP_TOKENS, session.max_length))
+            except WireError as e:  # the sender's mistake: say so, keep the session
                 self.stats.errors += 1
-                await self._send_client(session, error_frame("bad_request", str(e)))
+                await session.send(Error(ErrorCode.BAD_REQUEST, str(e), _seq_or_none(frame)).to_frame())
                 return
             try:
-                position, hidden = parse_step(frame, session.span.cfg.hidden_size,
-                                              min(config.MAX_STEP_TOKENS, session.max_length))
-                session.cache.reserve(position, hidden.shape[1])  # pages now, or a clear refusal
-            except (WireError, CacheFullError) as e:  # the client's mistake or no page left: say so
+                out = await self.scheduler.run(Job(session, session.span, session.cache, step.hidden, step.position))
+            except CacheFullError as e:  # no page left, or past the session's length: the session stays usable
                 self.stats.errors += 1
-                code = "cache_full" if isinstance(e, CacheFullError) else "bad_request"
-                await self._send_client(session, error_frame(code, str(e), seq))
+                await session.send(Error(ErrorCode.CACHE_FULL, str(e), step.seq).to_frame())
                 return
-            try:
-                out = await self.scheduler.run(Job(session, session.span, session.cache, hidden, position))
-            except CacheFullError as e:
-                await self._send_client(session, error_frame("cache_full", str(e), seq))
-                return
-            out = out.to(session.wire_dtype or hidden.dtype)
-            if frame.header.get("relay") is True and session.link is not None:
-                relay, _keep = step_frame(position, out, seq, relay=True)
+            out = out.to(session.wire_dtype or step.hidden.dtype)
+            relay_failed = None
+            if step.relay and session.link is not None:
                 try:
-                    await session.link.send(relay, timeout_s=config.WRITE_TIMEOUT_S)
+                    await session.link.send(Step(step.seq, step.position, out, relay=True).to_frame(),
+                                            timeout_s=config.WRITE_TIMEOUT_S)
                     self.stats.relayed += 1
                     return
                 except PeerError as e:  # hand our output to the client, which carries on from here
                     link, session.link = session.link, None
                     await link.reset()
-                    reply, _keep = output_frame(out, seq, relay_failed=str(e))
-            else:
-                reply, _keep = output_frame(out, seq)
-            await self._send_client(session, reply)
+                    relay_failed = str(e)
+            await session.send(Output(step.seq, out, relay_failed).to_frame())
 
     def _count(self, steps: int, tokens: int) -> None:
         s = self.stats
@@ -250,60 +218,6 @@ class SpanServer:
         s.tokens_served += tokens
         now = time.monotonic()
         s.recent_steps.extend([now] * steps)
-
-    async def _send_client(self, session: Session, frame: Frame) -> None:
-        async with session.send_lock:
-            await session.client.send(frame)
-
-    # -- relay -------------------------------------------------------------------------------------
-    async def _link(self, session: Session, frame: Frame) -> None:
-        """Dial the next server and attach to the client's session there."""
-        seq = None
-        try:
-            seq = parse_seq(frame)
-            nxt = NextHop.parse(frame)
-            if self.host is None:
-                raise RemoteError("no_relay", "this server does not relay")
-            stream = await self._attach(nxt)
-        except (WireError, PeerError) as e:
-            self.stats.errors += 1
-            code = e.code if isinstance(e, RemoteError) else ("bad_request" if isinstance(e, WireError)
-                                                               else "link_failed")
-            await self._send_client(session, error_frame(code, f"cannot relay to the next server: {e}", seq))
-            return
-        if session.closed:
-            await stream.reset()
-            return
-        if session.link is not None:
-            await session.link.reset()
-        session.link = stream
-        await self._send_client(session, Frame(MsgType.LINKED, {"seq": seq}))
-
-    async def _attach(self, nxt: NextHop) -> FramedStream:
-        host = self.host
-        with trio.move_on_after(config.LINK_TIMEOUT_S) as scope:
-            if nxt.peer_id not in host.connected_peers():
-                error: PeerError | None = None
-                for addr in nxt.addrs:
-                    try:
-                        await host.connect(addr if "/p2p/" in addr else f"{addr}/p2p/{nxt.peer_id}")
-                        break
-                    except (PeerError, ValueError) as e:
-                        error = PeerError(str(e))
-                else:
-                    raise error or PeerError("next server has no address")
-            stream = await host.open_stream(nxt.peer_id, config.PROTOCOL_INFERENCE)
-        if scope.cancelled_caught:
-            raise PeerError(f"could not reach the next server within {config.LINK_TIMEOUT_S:g} s")
-        try:
-            reply = await stream.request(Frame(MsgType.ATTACH, {"session": nxt.session}),
-                                         timeout_s=config.LINK_TIMEOUT_S)
-            if reply.type != MsgType.ATTACHED:
-                raise PeerError(f"next server answered ATTACH with {reply.type.name}")
-        except BaseException:
-            await stream.reset()
-            raise
-        return stream
 
     # -- housekeeping ------------------------------------------------------------------------------
     async def _close_idle_sessions(self) -> None:
@@ -314,3 +228,11 @@ class SpanServer:
             for session in list(self.sessions.values()):
                 if now - session.last_active > self.idle_timeout_s:
                     session.scope.cancel()  # its handler cleans up and frees the pages
+
+
+def _seq_or_none(frame: Frame) -> int | None:
+    try:
+        return parse_seq(frame.header)
+    except WireError:
+        return None
+

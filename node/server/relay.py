@@ -1,0 +1,100 @@
+"""Server-to-server relay: a Link from the client makes us dial the next server and Attach to the
+session the client opened there; an Attach from the previous server feeds one of our sessions.
+
+A Link only ever names a peer id and addresses the client sent; we dial them with one deadline and
+answer success or one uniform failure, so a client learns nothing about the addresses beyond
+"could not relay" (no port scanning through us).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import trio
+from llmswarm.node import config
+from llmswarm.node.errors import ErrorCode, PeerError, RemoteError, WireError
+from llmswarm.node.wire.codec import Frame, MsgType
+from llmswarm.node.wire.messages import Attach, Attached, Error, Link, Linked, NextHop
+from llmswarm.node.wire.stream import FramedStream
+
+if TYPE_CHECKING:
+    from llmswarm.node.server.span_server import Session, SpanServer
+
+
+async def link(server: SpanServer, session: Session, frame: Frame) -> None:
+    """Dial the next server and attach to the client's session there; answer Linked or Error."""
+    try:
+        request = Link.from_frame(frame)
+    except WireError as e:
+        server.stats.errors += 1
+        seq = frame.header.get("seq")
+        await session.send(Error(ErrorCode.BAD_REQUEST, str(e), seq if type(seq) is int else None).to_frame())
+        return
+    try:
+        if server.host is None:
+            raise RemoteError(ErrorCode.NO_RELAY, "this server does not relay")
+        stream = await _attach(server, request.next)
+    except PeerError as e:
+        server.stats.errors += 1
+        code = e.code if isinstance(e, RemoteError) else ErrorCode.LINK_FAILED
+        await session.send(Error(code, f"cannot relay to the next server: {e}", request.seq).to_frame())
+        return
+    if session.closed:
+        await stream.reset()
+        return
+    if session.link is not None:
+        await session.link.reset()
+    session.link = stream
+    await session.send(Linked(request.seq).to_frame())
+
+
+async def _attach(server: SpanServer, nxt: NextHop) -> FramedStream:
+    host = server.host
+    assert host is not None
+    with trio.move_on_after(config.LINK_TIMEOUT_S) as scope:
+        if nxt.peer_id not in host.connected_peers():
+            error: PeerError | None = None
+            for addr in nxt.addrs:
+                try:
+                    await host.connect(addr if "/p2p/" in addr else f"{addr}/p2p/{nxt.peer_id}")
+                    break
+                except (PeerError, ValueError) as e:
+                    error = PeerError(str(e))
+            else:
+                raise error or PeerError("next server has no address")
+        stream = await host.open_stream(nxt.peer_id, config.PROTOCOL_INFERENCE)
+    if scope.cancelled_caught:
+        raise PeerError(f"could not reach the next server within {config.LINK_TIMEOUT_S:g} s")
+    try:
+        reply = await stream.request(Attach(nxt.session).to_frame(), timeout_s=config.LINK_TIMEOUT_S)
+        if reply.type != MsgType.ATTACHED:
+            raise PeerError(f"next server answered ATTACH with {reply.type.name}")
+    except BaseException:
+        await stream.reset()
+        raise
+    return stream
+
+
+async def serve_upstream(server: SpanServer, stream: FramedStream, first: Frame) -> None:
+    """A stream from the previous server of a chain: relayed Steps for one of our sessions."""
+    session = server.sessions.get(Attach.from_frame(first).session)
+    if session is None or session.upstream_peer != stream.remote_peer_id:
+        raise RemoteError(ErrorCode.UNKNOWN_SESSION, "no such session for this peer")  # same answer: no oracle
+    if session.upstream_scope is not None:  # a re-link replaces the old feed
+        session.upstream_scope.cancel()
+    session.upstream, session.upstream_scope = stream, trio.CancelScope()
+    await stream.send(Attached().to_frame())
+    with session.upstream_scope:
+        while not session.closed:
+            try:
+                frame = await stream.recv(timeout_s=math.inf)
+            except PeerError:
+                return  # the previous server went away or was replaced: the client will notice
+            if frame.type == MsgType.STEP and not session.closed:
+                await server.step(session, frame)
+            elif frame.type == MsgType.CLOSE:
+                return
+            # anything else from a server is ignored: only the client may be answered
+    await stream.reset()
+

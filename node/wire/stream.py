@@ -1,0 +1,117 @@
+"""Frames over one libp2p stream: whole frames in and out, every wait bounded.
+
+py-libp2p reports a peer killed mid-reply as a clean EOF, so a reader that hits EOF inside a frame
+(before `12 + header_len + body_len` bytes) raises PeerError instead of returning a short reply; EOF
+between frames is PeerClosed, the normal end of a request loop. A frame's prefix is checked before
+its body is read, so an oversized frame is refused without reading (or allocating) it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from llmswarm.node import config
+from llmswarm.node.errors import PeerClosed, PeerError
+from llmswarm.node.wire.codec import PREFIX_BYTES, Frame, encode_frame, parse_header, parse_prefix
+from llmswarm.node.wire.messages import Error
+
+
+class FramedStream:
+    """Frames over one libp2p stream. Not safe for concurrent send() or recv() from two tasks."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._buf = bytearray()  # bytes read past the current frame (never more than one read)
+
+    @property
+    def remote_peer_id(self) -> str:
+        return str(self.stream.muxed_conn.peer_id)
+
+    async def send(self, frame: Frame, *, timeout_s: float = config.WRITE_TIMEOUT_S) -> None:
+        data = encode_frame(frame)
+        try:
+            with trio.fail_after(timeout_s):
+                await self.stream.write(data)
+        except trio.TooSlowError:
+            raise PeerError(f"peer did not accept a {frame.type.name} frame within {timeout_s:g} s") from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise PeerError(f"could not send to peer: {type(e).__name__}: {e}") from None
+
+    async def _read_exactly(self, n: int) -> bytearray:
+        out = bytearray()
+        if self._buf:
+            take = min(n, len(self._buf))
+            out += self._buf[:take]
+            del self._buf[:take]
+        while len(out) < n:
+            try:
+                chunk = await self.stream.read(n - len(out))
+            except (trio.Cancelled, KeyboardInterrupt):
+                raise
+            except Exception as e:  # StreamEOF, StreamReset, StreamError, muxer errors
+                chunk = None
+                cause = type(e).__name__
+            else:
+                cause = "EOF"
+            if not chunk:
+                raise _EOFInside(cause, len(out))
+            if len(chunk) > n - len(out):  # defensive: a muxer that returns more than asked
+                self._buf += chunk[n - len(out) :]
+                chunk = chunk[: n - len(out)]
+            out += chunk
+        return out
+
+    async def recv(self, *, timeout_s: float = config.READ_TIMEOUT_S) -> Frame:
+        """Read one whole frame. EOF before the first byte -> PeerError("... closed the stream")."""
+        try:
+            with trio.fail_after(timeout_s):
+                try:
+                    prefix = await self._read_exactly(PREFIX_BYTES)
+                except _EOFInside as e:
+                    if e.got == 0:
+                        raise PeerClosed(f"peer closed the stream ({e.cause}) instead of replying") from None
+                    raise
+                mtype, header_len, body_len = parse_prefix(prefix)
+                header = parse_header(await self._read_exactly(header_len)) if header_len else {}
+                body = await self._read_exactly(body_len) if body_len else bytearray()
+        except _EOFInside as e:
+            raise PeerError(f"peer closed the stream mid-message ({e.cause})") from None
+        except trio.TooSlowError:
+            raise PeerError(f"peer sent no complete frame within {timeout_s:g} s") from None
+        return Frame(mtype, header, body)
+
+    async def request(self, frame: Frame, *, timeout_s: float = config.REQUEST_TIMEOUT_S) -> Frame:
+        """Send one frame, read one reply; ERROR replies raise RemoteError."""
+        with trio.move_on_after(timeout_s) as scope:
+            await self.send(frame, timeout_s=timeout_s)
+            reply = await self.recv(timeout_s=timeout_s)
+        if scope.cancelled_caught:
+            raise PeerError(f"peer did not answer {frame.type.name} within {timeout_s:g} s")
+        return Error.raise_if(reply)
+
+    async def close(self) -> None:
+        """Graceful close, bounded; falls back to reset. Never raises."""
+        with trio.move_on_after(config.CLOSE_TIMEOUT_S):
+            try:
+                await self.stream.close()
+                return
+            except Exception:
+                pass
+        await self.reset()  # close failed or timed out
+
+    async def reset(self) -> None:
+        """Abort the stream (the peer's reads fail at once). Never raises."""
+        with trio.move_on_after(config.CLOSE_TIMEOUT_S):
+            try:
+                await self.stream.reset()
+            except Exception:
+                pass
+
+
+class _EOFInside(Exception):
+    def __init__(self, cause: str, got: int) -> None:
+        super().__init__(cause)
+        self.cause, self.got = cause, got
