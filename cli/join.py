@@ -6,27 +6,33 @@ import sys
 from typing import Any
 
 import typer
+from llmswarm.node import config
 
 from . import output
 from .params import check_device, parse_blocks, split_peers
 
 
 def join(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or folder."),
+    model: str = typer.Option(config.DEFAULT_MODEL, "--model", "-m", help="Model name or folder."),
     blocks: str = typer.Option(None, "--blocks", help="Serve blocks START:END (end exclusive)."),
     num_blocks: int = typer.Option(None, "--num-blocks", min=1, help="Serve N blocks where the swarm is weakest."),
     peers: list[str] = typer.Option([], "--peers", envvar="LLMSWARM_PEERS", help="Bootstrap multiaddrs."),
     port: int = typer.Option(0, "--port", min=0, max=65535, help="TCP port (0 = any free port)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for other machines)."),
+    host: str = typer.Option(config.DEFAULT_LISTEN_HOST, "--host",
+                             help="Address to listen on (0.0.0.0 for other machines)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16"),
     public_name: str = typer.Option("", "--public-name", help="Name shown to others in routes and status."),
-    max_sessions: int = typer.Option(16, "--max-sessions", min=1, help="Concurrent sessions admitted."),
+    max_sessions: int = typer.Option(config.DEFAULT_MAX_SESSIONS, "--max-sessions", min=1,
+                                     help="Concurrent sessions admitted."),
     cache_tokens: int | None = typer.Option(None, "--cache-tokens", min=16,
-                                    help="KV-cache budget in tokens (default: up to 32768, at most 256 MiB)."),
-    announce_period: float = typer.Option(30.0, "--announce-period", min=0.2, help="Seconds between announcements."),
+                                            help=f"KV-cache budget in tokens (default: up to "
+                                                 f"{config.DEFAULT_CACHE_TOKENS}, at most "
+                                                 f"{config.DEFAULT_CACHE_BYTES // 2**20} MiB)."),
+    announce_period: float = typer.Option(config.ANNOUNCE_PERIOD_S, "--announce-period", min=0.2,
+                                          help="Seconds between announcements."),
     identity: str = typer.Option(None, "--identity", help="Key file (default: the user's data dir)."),
-    rebalance_period: float = typer.Option(120.0, "--rebalance-period", min=0.0,
+    rebalance_period: float = typer.Option(config.REBALANCE_PERIOD_S, "--rebalance-period", min=0.0,
                                            help="Seconds between checks whether to move to weaker blocks (0: never)."),
     json_out: bool = typer.Option(False, "--json", help="Print the ready record as JSON on stdout."),
 ) -> None:
@@ -77,8 +83,9 @@ class _JoinEvents:
 
 
 def bootstrap(
-    port: int = typer.Option(31330, "--port", min=0, max=65535, help="TCP port to listen on."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for other machines)."),
+    port: int = typer.Option(config.DEFAULT_PORT, "--port", min=0, max=65535, help="TCP port to listen on."),
+    host: str = typer.Option(config.DEFAULT_LISTEN_HOST, "--host",
+                             help="Address to listen on (0.0.0.0 for other machines)."),
     peers: list[str] = typer.Option([], "--peers", envvar="LLMSWARM_PEERS", help="Other bootstrap peers."),
     identity: str = typer.Option(None, "--identity", help="Key file (default: the user's data dir)."),
 ) -> None:

@@ -16,8 +16,18 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(highlight=False, soft_wrap=True)  # stdout: results
-err = Console(stderr=True, highlight=False)  # stderr: progress, warnings, errors
+# Output read by a program (a pipe, a file) is never wrapped or cut: rich would otherwise fold lines and
+# shrink table columns to 80 characters ("smollm2-13…", a multiaddr split over two lines). A terminal
+# keeps its own width.
+_UNBOUNDED = 100_000
+
+
+def _width(stream: object) -> int | None:
+    return None if getattr(stream, "isatty", lambda: False)() else _UNBOUNDED
+
+
+console = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))  # stdout: results
+err = Console(stderr=True, highlight=False, width=_width(sys.stderr))  # stderr: progress, warnings, errors
 
 
 def _plain(obj: Any) -> Any:

@@ -24,7 +24,7 @@ DEFAULT_PORT = 31330  # TCP port a server or bootstrap peer listens on when the 
 DEFAULT_LISTEN_HOST = "127.0.0.1"  # servers meant for other machines pass "0.0.0.0"
 IDENTITY_DIR_NAME = "llmswarm"
 IDENTITY_FILE_NAME = "identity.key"
-MAX_CONNECTIONS_PER_PEER = 1  # 1 skips the swarm's 250 ms happy-eyeballs wait (trap 9)
+MAX_CONNECTIONS_PER_PEER = 1  # py-libp2p's swarm waits 250 ms (happy eyeballs) before each dial unless this is 1
 
 
 def default_identity_path() -> Path:
@@ -34,7 +34,9 @@ def default_identity_path() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Timeouts (seconds). Every network wait of node/ is bounded by one of these (trap 4, trap 8).
+# Timeouts (seconds). Every network wait of node/ is bounded by one of these: py-libp2p has no
+# keepalive, so a hung peer (SIGSTOP) blocks reads and stream opens forever, and a listener that
+# accepts but never speaks holds a dial for 100 s despite its own negotiation timeout.
 # --------------------------------------------------------------------------------------------------
 DIAL_TIMEOUT_S = 5.0  # TCP connect + Noise + yamux negotiation of one dial
 STREAM_OPEN_TIMEOUT_S = 3.0  # new_stream incl. multistream protocol negotiation
@@ -77,7 +79,7 @@ BOOTSTRAP_RECONNECT_PERIOD_S = 10.0  # directory re-dials lost bootstrap peers t
 GOSSIP_TOPIC_PREFIX = "llmswarm/records/1/"  # one topic per model: prefix + model name
 GOSSIP_DEGREE = 6  # mesh degree D (D_low = D - 2, D_high = D + 4)
 GOSSIP_HEARTBEAT_INTERVAL_S = 1  # gossipsub heartbeat (int seconds in py-libp2p 0.8.1)
-GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_S = 10_000.0  # default 10 silently drops the rest (trap 6)
+GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_S = 10_000.0  # py-libp2p's default of 10 drops the rest silently
 
 # --------------------------------------------------------------------------------------------------
 # Server and client session settings (owned by node/server.py and node/session.py).

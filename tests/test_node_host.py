@@ -98,7 +98,8 @@ def test_ping_and_handler_exception_does_not_poison_connection(tmp_path):
         async with open_host(tmp_path / "a.key") as a, open_host(tmp_path / "b.key") as b:
             a.set_handler("/test/boom", boom)
             await b.connect(a.addrs[0])
-            for _ in range(2):  # twice: the connection's accept loop must survive (trap 1)
+            for _ in range(2):  # twice: the connection's accept loop must survive: an exception escaping a
+                # py-libp2p handler would kill it
                 s = await b.open_stream(a.peer_id, "/test/boom")
                 with pytest.raises(RemoteError) as info:
                     await s.request(Frame(MsgType.PING), timeout_s=2)
@@ -160,7 +161,7 @@ def test_hung_peer_times_out(tmp_path, peer_process):
                 await s.request(Frame(MsgType.STEP), timeout_s=0.5)
             assert time.monotonic() - t0 < 1.5
             await s.reset()
-            proc.send_signal(signal.SIGSTOP)  # the whole process hangs (trap 4)
+            proc.send_signal(signal.SIGSTOP)  # the whole process hangs: no keepalive notices
             t0 = time.monotonic()
             with pytest.raises(PeerError):
                 await c.ping(peer_id, 1, timeout_s=0.5)

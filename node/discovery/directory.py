@@ -4,7 +4,7 @@ Three paths, every record verified by RecordStore.add whichever way it came:
   1. RECORD_PUT: a server sends each new record straight to the bootstrap peers it is connected
      to, which store it. Bootstrap peers are therefore a reliable registry even when gossip drops a
      message (py-libp2p 0.8.1 gossipsub is young; its default rate limit of 10 msg/s per topic
-     silently drops the rest, trap 6, which we raise).
+     silently drops the rest, which we raise).
   2. RECORDS_GET -> RECORDS: a snapshot pull from the bootstrap peers, on join, every
      SNAPSHOT_PULL_PERIOD_S, and on demand (`refresh()`). Paths 1+2 carry correctness: a record
      reaches a client at most one pull period after its server announced it.
@@ -12,7 +12,7 @@ Three paths, every record verified by RecordStore.add whichever way it came:
      server) visible in milliseconds. An accelerator only; topic validators verify records before
      they are relayed, so a forged record dies at the first honest hop.
 
-Why not the Kademlia DHT of py-libp2p (trap 5): no per-record TTL (fixed 24 h), one value per key
+Why not the Kademlia DHT of py-libp2p: no per-record TTL (fixed 24 h), one value per key
 (petals needs one value per server under each block), reads that return a stale local copy first,
 and peers that disagree on overwrites. Our records carry their own expiry and seq, so the
 transport only has to deliver bytes; any path may duplicate, reorder or delay them.
@@ -228,7 +228,7 @@ def _make_gossipsub(host: Host) -> tuple[Any, Any]:
         degree_high=d + 4,
         heartbeat_initial_delay=0.1,
         heartbeat_interval=config.GOSSIP_HEARTBEAT_INTERVAL_S,
-        max_messages_per_topic_per_second=config.GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_S,  # trap 6
+        max_messages_per_topic_per_second=config.GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_S,  # default 10/s drops silently
         eclipse_protection_enabled=False,  # needs >= 3 distinct IPs in a mesh: small swarms have fewer
     )
     return Pubsub(host.libp2p, router), router

@@ -2,7 +2,7 @@
 
 Each record is signed by the server's own libp2p key, carries its own expiry and a sequence number,
 and is checked on every receipt (whatever path it came by: gossip, snapshot, direct put). This is
-what the Kademlia DHT of py-libp2p could not give us (trap 5: no per-record TTL, one value per key,
+what the Kademlia DHT of py-libp2p could not give us (no per-record TTL, one value per key,
 stale local reads, peers disagreeing on overwrites).
 
 Envelope (JSON, <= config.MAX_RECORD_BYTES):

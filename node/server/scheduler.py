@@ -95,7 +95,7 @@ class Scheduler:
         """Wait briefly for the steps of other recently active sessions, when there are any."""
         if self.window_s <= 0 or self.pending[0].hidden.shape[1] != 1:
             return
-        now = time.monotonic()
+        now = trio.current_time()
         for owner in [o for o, t in self.last_active.items() if now - t > config.BATCH_ACTIVE_S]:
             del self.last_active[owner]
         expected = len(self.last_active.keys() | {j.owner for j in self.pending})
@@ -106,7 +106,7 @@ class Scheduler:
             self._arrived = trio.Event()
             with trio.move_on_at(deadline):
                 await self._arrived.wait()
-            if time.monotonic() >= deadline:
+            if trio.current_time() >= deadline:
                 return
 
     @staticmethod
@@ -157,7 +157,7 @@ class Scheduler:
                 j.error = e
         elapsed = time.perf_counter() - started
         self.compute_s = elapsed if self.compute_s == 0 else 0.8 * self.compute_s + 0.2 * elapsed
-        now = time.monotonic()
+        now = trio.current_time()
         tokens = 0
         for j in batch:
             self.last_active[j.owner] = now

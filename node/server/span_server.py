@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,10 +42,10 @@ class ServerStats:
     steps: int = 0
     errors: int = 0
     relayed: int = 0  # outputs sent on to the next server instead of back to the client
-    recent_steps: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # monotonic times
+    recent_steps: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # trio clock times
 
     def steps_per_s(self, window_s: float = 5.0) -> float:
-        now = time.monotonic()
+        now = trio.current_time()
         return sum(1 for t in self.recent_steps if now - t < window_s) / window_s
 
 
@@ -63,7 +62,7 @@ class Session:
     step_lock: trio.Lock = field(default_factory=trio.Lock)  # one step of a session at a time
     link: FramedStream | None = None  # to the next server, for relayed outputs
     upstream: FramedStream | None = None  # from the previous server, relayed inputs
-    last_active: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=trio.current_time)
     closed: bool = False
     # Resetting a stream does not wake our own pending read of it: tasks are ended by cancelling these.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -183,7 +182,7 @@ class SpanServer:
     # -- one step ----------------------------------------------------------------------------------
     async def step(self, session: Session, frame: Frame) -> None:
         """Run one Step (from the client or relayed by the previous server); answer or relay it."""
-        session.last_active = time.monotonic()
+        session.last_active = trio.current_time()
         async with session.step_lock:
             try:
                 step = Step.from_frame(frame, session.span.cfg.hidden_size,
@@ -216,7 +215,7 @@ class SpanServer:
         s = self.stats
         s.steps += steps
         s.tokens_served += tokens
-        now = time.monotonic()
+        now = trio.current_time()
         s.recent_steps.extend([now] * steps)
 
     # -- housekeeping ------------------------------------------------------------------------------
@@ -224,7 +223,7 @@ class SpanServer:
         period = min(1.0, self.idle_timeout_s / 3)
         while True:
             await trio.sleep(period)
-            now = time.monotonic()
+            now = trio.current_time()
             for session in list(self.sessions.values()):
                 if now - session.last_active > self.idle_timeout_s:
                     session.scope.cancel()  # its handler cleans up and frees the pages

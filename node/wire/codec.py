@@ -8,7 +8,7 @@ Frame = 12-byte fixed prefix, then a JSON header, then a raw body:
     magic b"LS" | version u8 | type u8 | header_len u32 BE | body_len u32 BE | header | body
 
 The lengths make a truncated message detectable: py-libp2p reports a peer killed mid-reply as a
-clean EOF (trap 2), so a reader that hits EOF before `12 + header_len + body_len` bytes raises
+clean EOF, so a reader that hits EOF before `12 + header_len + body_len` bytes raises
 PeerError instead of returning a short reply. The prefix is validated before anything else is
 read, so an oversized frame is refused without reading (or allocating) its body.
 

@@ -34,7 +34,7 @@ RecordPut + envelope -> Ack {added}. Ping (`/llmswarm/ping/1`): Ping {n} -> Pong
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from llmswarm.node import config
@@ -67,15 +67,20 @@ def parse_seq(header: dict[str, Any]) -> int:
     return seq
 
 
+def _int(header: dict[str, Any], key: str, what: str) -> int:
+    value = header.get(key)
+    if type(value) is not int:
+        raise WireError(f"{what} needs an integer {key}")
+    return value
+
+
 def _peer_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_CHARS:
         raise WireError(f"{what} must be a peer id")
     return value
 
 
-# --------------------------------------------------------------------------------------------------
-# Inference
-# --------------------------------------------------------------------------------------------------
+# -- inference ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Open:
     model: str
@@ -125,10 +130,8 @@ class Opened:
     @classmethod
     def from_frame(cls, frame: Frame) -> Opened:
         h = _expect(Error.raise_if(frame), MsgType.OPENED)
-        max_length, left = h.get("max_length"), h.get("cache_tokens_left")
-        if type(max_length) is not int or type(left) is not int:
-            raise WireError("OPENED needs integer max_length and cache_tokens_left")
-        return cls(parse_session_id(h.get("session")), max_length, left)
+        return cls(parse_session_id(h.get("session")), _int(h, "max_length", "OPENED"),
+                   _int(h, "cache_tokens_left", "OPENED"))
 
 
 @dataclass(frozen=True)
@@ -272,8 +275,6 @@ class Error:
     message: str
     seq: int | None = None
 
-    TYPE: ClassVar[MsgType] = MsgType.ERROR
-
     def to_frame(self) -> Frame:
         header: dict[str, Any] = {"code": self.code.value, "message": self.message[:MAX_ERROR_MESSAGE_CHARS]}
         if self.seq is not None:
@@ -309,9 +310,7 @@ class Error:
         return frame
 
 
-# --------------------------------------------------------------------------------------------------
-# Ping and records
-# --------------------------------------------------------------------------------------------------
+# -- ping and records ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ping:
     n: int
@@ -321,10 +320,7 @@ class Ping:
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Ping:
-        n = _expect(frame, MsgType.PING).get("n")
-        if type(n) is not int:
-            raise WireError("PING needs an integer n")
-        return cls(n)
+        return cls(_int(_expect(frame, MsgType.PING), "n", "PING"))
 
 
 @dataclass(frozen=True)
@@ -336,10 +332,7 @@ class Pong:
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Pong:
-        n = _expect(Error.raise_if(frame), MsgType.PONG).get("n")
-        if type(n) is not int:
-            raise WireError("PONG needs an integer n")
-        return cls(n)
+        return cls(_int(_expect(Error.raise_if(frame), MsgType.PONG), "n", "PONG"))
 
 
 @dataclass(frozen=True)

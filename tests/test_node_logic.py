@@ -1,0 +1,259 @@
+"""Server, scheduler and client-session logic without sockets: trio memory streams stand in for
+libp2p streams and a mock clock jumps over every wait, so timeouts of seconds or minutes are tested
+in milliseconds. (What the network itself does is tested with real hosts in test_node_server.py,
+test_node_relay.py and the end-to-end tests.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+import trio.testing
+from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.errors import CacheFullError
+from llmswarm.models.span import load_span
+from llmswarm.node import config
+from llmswarm.node.client.session import open_session
+from llmswarm.node.errors import ErrorCode, PeerError, RemoteError
+from llmswarm.node.server.scheduler import Job, Scheduler
+from llmswarm.node.server.span_server import SpanServer
+from llmswarm.node.wire.codec import MsgType
+from llmswarm.node.wire.messages import Close, Error, Open, Opened, Output, Step
+from llmswarm.node.wire.stream import FramedStream
+from llmswarm.routing import Hop
+
+MODEL = "tiny"
+
+
+class _Conn:
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+
+
+class MemoryStream:
+    """The part of a py-libp2p stream FramedStream uses, over one end of a trio memory stream pair."""
+
+    def __init__(self, end: trio.abc.HalfCloseableStream, remote_peer: str) -> None:
+        self.end, self.muxed_conn = end, _Conn(remote_peer)
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self.end.receive_some(n)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        await self.end.send_all(data)
+
+    async def close(self) -> None:
+        await self.end.send_eof()
+
+    async def reset(self) -> None:
+        await self.end.aclose()
+
+
+class FakeHost:
+    """Opens streams straight into in-process SpanServers; `down` servers refuse like a dead peer."""
+
+    def __init__(self, nursery: trio.Nursery, servers: dict[str, SpanServer]) -> None:
+        self.nursery, self.servers, self.down = nursery, servers, set()
+        self.peer_id = "client"
+
+    async def open_stream(self, peer_id: str, protocol: str) -> FramedStream:
+        if peer_id in self.down:
+            raise PeerError(f"cannot open {protocol} to peer {peer_id}")
+        a, b = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._serve, peer_id, FramedStream(MemoryStream(b, self.peer_id)))
+        return FramedStream(MemoryStream(a, peer_id))
+
+    async def _serve(self, peer_id: str, stream: FramedStream) -> None:
+        try:
+            await self.servers[peer_id].handle(stream)
+        except Exception as e:  # what host.set_handler's guard does: answer, then close
+            await stream.send(Error.of(e).to_frame())
+        await stream.close()
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        return []  # no relay between fake servers: the client relays every pair
+
+    async def ping(self, peer_id: str, count: int = 1, *, timeout_s: float = 1.0) -> list[float]:
+        if peer_id in self.down:
+            raise PeerError("no pong")
+        return [0.001] * count
+
+
+@pytest.fixture(scope="module")
+def span(tiny_llama):
+    ckpt = Checkpoint.open(tiny_llama)
+    return load_span(ckpt, 0, ckpt.config.num_blocks, torch.float32)
+
+
+def _local(span, x, position_steps):
+    cache = span.new_cache(64)
+    outs = []
+    for position, h in position_steps(x):
+        cache.reserve(position, h.shape[1])
+        outs.append(span.forward(h, cache, position))
+    return outs
+
+
+def _run(fn, servers: dict[str, SpanServer]):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for s in servers.values():
+                nursery.start_soon(s.run)
+            await fn(FakeHost(nursery, servers))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_server_answers_steps_and_refuses_bad_ones_in_order(span):
+    server = SpanServer(MODEL, span, cache_tokens=256)
+
+    async def fn(host):
+        stream = await host.open_stream("s", config.PROTOCOL_INFERENCE)
+        opened = Opened.from_frame(await stream.request(Open(MODEL, 0, 6, 32).to_frame()))
+        assert opened.max_length == 32 and opened.cache_tokens_left == 256
+        x = torch.randn(1, 4, 64)
+        await stream.send(Step(1, 0, x).to_frame())
+        out = Output.from_frame(await stream.recv(), 64, 4)
+        assert out.seq == 1
+        torch.testing.assert_close(out.hidden, _local(span, x, lambda x: [(0, x)])[0], rtol=0, atol=0)
+        await stream.send(Step(2, 9, x[:, :1]).to_frame())  # beyond the cache: refused, session kept
+        err = Error.from_frame(await stream.recv())
+        assert (err.code, err.seq) == (ErrorCode.CACHE_FULL, 2) and "holds 4 tokens" in err.message
+        await stream.send(Step(3, 2**31, x[:, :1]).to_frame())  # absurd position: the request's fault
+        err = Error.from_frame(await stream.recv())
+        assert (err.code, err.seq) == (ErrorCode.BAD_REQUEST, 3) and "position" in err.message
+        await stream.send(Step(4, 4, x[:, :1]).to_frame())
+        assert Output.from_frame(await stream.recv(), 64, 1).seq == 4
+        await stream.send(Close().to_frame())
+        assert (await stream.recv()).type == MsgType.CLOSED
+        await trio.sleep(0.1)
+        assert server.sessions == {} and server.cache_tokens_left == 256
+
+    _run(fn, {"s": server})
+
+
+def test_idle_session_is_closed_and_its_pages_freed(span):
+    server = SpanServer(MODEL, span, cache_tokens=256, idle_timeout_s=60.0)
+
+    async def fn(host):
+        stream = await host.open_stream("s", config.PROTOCOL_INFERENCE)
+        Opened.from_frame(await stream.request(Open(MODEL, 0, 6, 32).to_frame()))
+        await stream.send(Step(1, 0, torch.randn(1, 20, 64)).to_frame())
+        Output.from_frame(await stream.recv(), 64, 20)
+        assert server.cache_tokens_left == 256 - 32  # two pages of 16
+        await trio.sleep(59.0)
+        assert len(server.sessions) == 1
+        await trio.sleep(3.0)  # over a minute without a step (the mock clock jumps there at once)
+        assert server.sessions == {} and server.cache_tokens_left == 256
+
+    _run(fn, {"s": server})
+
+
+def test_open_refusals_carry_their_codes(span):
+    server = SpanServer(MODEL, span, cache_tokens=64, max_sessions=1)
+
+    async def fn(host):
+        async def refused(request: Open) -> ErrorCode:
+            stream = await host.open_stream("s", config.PROTOCOL_INFERENCE)
+            with pytest.raises(RemoteError) as err:
+                await stream.request(request.to_frame())
+            return err.value.code
+
+        assert await refused(Open("other", 0, 6, 32)) is ErrorCode.WRONG_MODEL
+        assert await refused(Open(MODEL, 2, 9, 32)) is ErrorCode.WRONG_SPAN
+        assert await refused(Open(MODEL, 0, 6, 65)) is ErrorCode.CACHE_FULL
+        keep = await host.open_stream("s", config.PROTOCOL_INFERENCE)
+        Opened.from_frame(await keep.request(Open(MODEL, 0, 6, 32).to_frame()))
+        code = await refused(Open(MODEL, 0, 6, 32))
+        assert code is ErrorCode.BUSY and code.transient
+
+    _run(fn, {"s": server})
+
+
+def test_scheduler_refuses_only_the_job_without_room(span):
+    """Cache room is reserved in one place, the scheduler: a job that cannot get a page fails alone."""
+    pool = span.new_pool(3, page_size=4)
+    full, fine = pool.sequence(), pool.sequence()
+    full.reserve(0, 4)
+    fine.reserve(0, 4)
+    full.length = fine.length = 4  # both hold 4 tokens in a page each; one page is left
+    scheduler = Scheduler(window_s=0.0)
+    results: dict[str, object] = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.serve)
+
+            async def run(name, seq, position, tokens):
+                try:
+                    results[name] = await scheduler.run(Job(name, span, seq, torch.randn(1, tokens, 64), position))
+                except CacheFullError as e:
+                    results[name] = e
+
+            async with trio.open_nursery() as jobs:
+                jobs.start_soon(run, "fine", fine, 4, 1)  # needs the last page
+                jobs.start_soon(run, "full", full, 4, 5)  # needs two: refused, takes none
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert isinstance(results["fine"], torch.Tensor) and results["fine"].shape == (1, 1, 64)
+    assert isinstance(results["full"], CacheFullError) and "KV cache is full" in str(results["full"])
+    assert (fine.length, full.length, len(full.pages), pool.free_pages) == (5, 4, 1, 0)
+
+
+def test_session_replaces_a_hung_server_and_replays_into_the_spare(span):
+    """A server that stops answering is found by the step timeout (30 s, jumped over by the mock
+    clock), banned, and replaced by the spare; the output equals the local span's."""
+    servers = {name: SpanServer(MODEL, span, cache_tokens=256) for name in ("a", "b", "spare")}
+    x = torch.randn(1, 5, 64)
+    steps = lambda x: [(0, x), (5, x[:, :1]), (6, x[:, 1:2])]  # noqa: E731
+    expected = _local(span, x, steps)
+    notes: list[str] = []
+
+    async def fn(host):
+        async def replan(bans):
+            return [Hop("a", 0, 3), Hop("spare", 3, 6)] if "b" in bans.active() else [Hop("a", 0, 3), Hop("b", 3, 6)]
+
+        async with open_session(host, [Hop("a", 0, 3), Hop("b", 3, 6)], MODEL, 64, 32, torch.float32,
+                                replan=replan, notify=notes.append) as s:
+            outs = [await s.step(*reversed(steps(x)[0]))]
+            hang = trio.Event()
+            original = servers["b"].step
+
+            async def stalled(session, frame):
+                await hang.wait()  # b accepts the step and never answers
+
+            servers["b"].step = stalled
+            host.down.add("b")
+            outs.append(await s.step(*reversed(steps(x)[1])))
+            outs.append(await s.step(*reversed(steps(x)[2])))
+            servers["b"].step = original
+            assert [h.peer_id for h in s.chain] == ["a", "spare"] and s.recoveries == 1
+        for got, want in zip(outs, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert any("server b failed" in n and "step timeout" in n for n in notes)
+
+    _run(fn, servers)
+
+
+def test_failed_open_fails_over_to_another_server(span):
+    servers = {"a": SpanServer(MODEL, span, cache_tokens=256), "full": SpanServer(MODEL, span, cache_tokens=16)}
+    tried: list[list[str]] = []
+
+    async def fn(host):
+        async def replan(bans):
+            chain = [Hop("a", 0, 6)] if "full" in bans.active() else [Hop("full", 0, 6)]
+            tried.append([h.peer_id for h in chain])
+            return chain
+
+        async with open_session(host, [Hop("full", 0, 6)], MODEL, 64, 32, torch.float32, replan=replan) as s:
+            assert [h.peer_id for h in s.chain] == ["a"]
+            x = torch.randn(1, 3, 64)
+            torch.testing.assert_close(await s.step(x, 0), _local(span, x, lambda x: [(0, x)])[0], rtol=0, atol=0)
+        assert tried == [["a"]]
+
+    _run(fn, servers)
