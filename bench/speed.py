@@ -23,7 +23,8 @@ import torch
 import trio
 from llmswarm.bench.local_swarm import LocalSwarm, even_spans, model_arg
 from llmswarm.models.chat import Conversation
-from llmswarm.models.checkpoint import Checkpoint, locate
+from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.fetch import locate
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, generation_steps, run_sync
 from llmswarm.models.local import LocalChain, load_client_model
 from llmswarm.models.registry import resolve
@@ -144,12 +145,8 @@ _CACHE_MARGIN = 8
 def _client_parts(spec: Any, dtype: torch.dtype, progress: Callable[..., None]) -> tuple[Checkpoint, Any]:
     """Embeddings (and head) only, without a tokenizer: the bench makes up its token ids, so a bare
     checkpoint folder (as the tests' tiny models are) is enough."""
-    from llmswarm.models.families import family_of
 
-    def want(ck: Checkpoint) -> list[str]:
-        return [k for k in family_of(ck.config).CLIENT_KEYS if k in ck.weight_map or ck.has(k)]
-
-    ckpt = Checkpoint.open(locate(spec, progress, want))
+    ckpt = Checkpoint.open(locate(spec, progress, Checkpoint.client_keys))
     return ckpt, load_client(ckpt, dtype, "cpu", progress)
 
 

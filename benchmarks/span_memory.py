@@ -14,7 +14,8 @@ import sys
 
 CHILD = """
 import json, resource, sys, torch
-from llmswarm.models.checkpoint import Checkpoint, locate
+from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.fetch import locate
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import load_span
 ckpt = Checkpoint.open(locate(resolve(sys.argv[1])))
@@ -33,7 +34,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--blocks", default="0:10")
     args = ap.parse_args()
-    from llmswarm.models.checkpoint import Checkpoint, locate
+    from llmswarm.models.checkpoint import Checkpoint
+    from llmswarm.models.fetch import locate
     from llmswarm.models.registry import resolve
 
     total = Checkpoint.open(locate(resolve(args.model))).config.num_blocks

@@ -21,7 +21,8 @@ def demo(
 ) -> None:
     """Start a local swarm that splits the model, wait until every block is served, and chat."""
     from llmswarm.bench.local_swarm import LocalSwarm, even_spans, model_arg
-    from llmswarm.models.checkpoint import Checkpoint, locate
+    from llmswarm.models.checkpoint import Checkpoint
+    from llmswarm.models.fetch import locate
     from llmswarm.models.registry import resolve
     from llmswarm.node.client.chat import ChatOptions
 

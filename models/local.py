@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from .chat import load_tokenizer, stop_ids
-from .checkpoint import Checkpoint, Progress, _noop, locate
+from .checkpoint import Checkpoint, Progress, _noop
 from .config import ModelConfig
+from .fetch import locate
 from .kv_cache import KVCache
 from .registry import ModelSpec
 from .span import Span, load_client, load_span
@@ -36,13 +37,7 @@ class ClientModel:
 def load_client_model(spec: ModelSpec, dtype: torch.dtype, device: str = "cpu",
                       progress: Progress = _noop, with_blocks: bool = False) -> ClientModel:
     def want(ck: Checkpoint) -> list[str]:
-        from .families import family_of
-
-        fam = family_of(ck.config)
-        names = [k for k in fam.CLIENT_KEYS if k in ck.weight_map or ck.has(k)]
-        if with_blocks:
-            names += [n for i in range(ck.config.num_blocks) for n in ck.block_keys(i, fam.block_prefix(i))]
-        return names
+        return ck.client_keys() + (ck.span_keys(0, ck.config.num_blocks) if with_blocks else [])
 
     ckpt = Checkpoint.open(locate(spec, progress, want))
     tokenizer = load_tokenizer(ckpt.folder)

@@ -131,8 +131,7 @@ def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device
     family = family_of(cfg)
     with torch.device("meta"):
         blocks = nn.ModuleList(family.Block(cfg) for _ in range(start, end))
-    names = [n for i in range(start, end) for n in ckpt.block_keys(i, family.block_prefix(i))]
-    tensors = ckpt.read(names, dtype, device, progress, task=f"loading blocks {start}:{end}")
+    tensors = ckpt.read(ckpt.span_keys(start, end), dtype, device, progress, task=f"loading blocks {start}:{end}")
     state = {}
     for j, i in enumerate(range(start, end)):
         prefix = family.block_prefix(i)
@@ -148,7 +147,7 @@ def load_client(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu", progr
     with torch.device("meta"):
         parts = family.ClientParts(cfg)
     head_key, tied_to = family.TIED_HEAD
-    wanted = {k: v for k, v in family.CLIENT_KEYS.items() if ckpt.has(k)}
+    wanted = {k: family.CLIENT_KEYS[k] for k in ckpt.client_keys()}
     tensors = ckpt.read(list(wanted), dtype, device, progress, task="loading embeddings and head")
     state = {wanted[k]: t for k, t in tensors.items()}
     if head_key not in state:

@@ -92,7 +92,7 @@ def test_hub_unreachable_fails_fast(monkeypatch, tmp_path):
     """Offline, a hub model fails in seconds with one line naming the fix."""
     import time
 
-    from llmswarm.models.checkpoint import download_from_hub
+    from llmswarm.models.fetch import download_from_hub
 
     monkeypatch.setenv("LLMSWARM_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")

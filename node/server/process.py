@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 import trio
-from llmswarm.models.checkpoint import Checkpoint, locate
-from llmswarm.models.families import family_of
+from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.fetch import locate
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import Span, load_span, parse_dtype
 from llmswarm.node import config
@@ -180,11 +180,8 @@ def _want_for(opts: ServeOptions) -> Callable[[Checkpoint], list[str]] | None:
     if opts.blocks is None:
         return None
 
-    def want(ck: Checkpoint) -> list[str]:
-        fam = family_of(ck.config)
-        return [n for i in range(*opts.blocks) for n in ck.block_keys(i, fam.block_prefix(i))]
-
-    return want
+    start, end = opts.blocks
+    return lambda ck: ck.span_keys(start, end)
 
 
 def _pick_span(opts: ServeOptions, ckpt: Checkpoint, directory: Directory, model: str) -> tuple[int, int]:
