@@ -13,8 +13,20 @@ class CheckpointError(ModelError):
     """A checkpoint that is missing, unreadable, or lacks the tensors asked for."""
 
 
-class CacheFullError(ModelError):
-    """A session asked for more KV-cache positions than it was given."""
+class CacheError(ModelError):
+    """A step its KV cache cannot take (one of the three below)."""
+
+
+class CacheFullError(CacheError):
+    """No room now: the pool of pages is exhausted (another server, or later, may have room)."""
+
+
+class SessionFullError(CacheError):
+    """The step would pass the session's own max length."""
+
+
+class CachePositionError(CacheError):
+    """A step at a position past the tokens the cache holds (a gap): the caller's bug."""
 
 
 class LengthError(ModelError):

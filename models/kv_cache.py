@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CacheFullError
+from .errors import CachePositionError, SessionFullError
 
 
 class KVCache:
@@ -35,9 +35,9 @@ class KVCache:
 
     def check_room(self, position: int, new_tokens: int) -> None:
         if not 0 <= position <= self.length:
-            raise CacheFullError(f"step at position {position}, but the cache holds {self.length} tokens")
+            raise CachePositionError(f"step at position {position}, but the cache holds {self.length} tokens")
         if position + new_tokens > self.max_length:
-            raise CacheFullError(
+            raise SessionFullError(
                 f"session is full: {position} + {new_tokens} tokens exceeds its max length {self.max_length}; "
                 "start a new session with a larger --max-length"
             )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CacheFullError
+from .errors import CacheFullError, CachePositionError, SessionFullError
 
 
 class PagePool:
@@ -153,10 +153,10 @@ class PagedSequence:
 
         A rewind keeps the pages past the new end: a client that rewinds re-sends about as much."""
         if not 0 <= position <= self.length:
-            raise CacheFullError(f"step at position {position}, but the cache holds {self.length} tokens")
+            raise CachePositionError(f"step at position {position}, but the cache holds {self.length} tokens")
         end = position + new_tokens
         if self.max_length is not None and end > self.max_length:
-            raise CacheFullError(
+            raise SessionFullError(
                 f"session is full: {position} + {new_tokens} tokens exceeds its max length {self.max_length}; "
                 "start a new session with a larger --max-length"
             )

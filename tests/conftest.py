@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.span import load_span
+from llmswarm.node import config
+from llmswarm.node.host import open_host
+from llmswarm.node.server.span_server import SpanServer
+from llmswarm.routing import Hop
+
+MODEL = "tiny"  # the model name the in-process servers announce
 
 
 def _save(model, folder: Path) -> Path:
@@ -52,3 +62,65 @@ def smollm2() -> Path:
 def _threads():
     # Two cores: keep torch from oversubscribing when tests start subprocesses.
     torch.set_num_threads(int(os.environ.get("LLMSWARM_TEST_THREADS", "2")))
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process swarm: real libp2p hosts on 127.0.0.1, one SpanServer each, and a client host. (The
+# process-level swarm, with real `llmswarm` processes, is llmswarm.bench.local_swarm.LocalSwarm.)
+# --------------------------------------------------------------------------------------------------
+class Swarm:
+    """N server hosts, each serving one span, and one client host connected to all of them."""
+
+    def __init__(self, spans, servers, hosts, client, nursery):
+        self.spans, self.servers, self.hosts, self.client, self.nursery = spans, servers, hosts, client, nursery
+
+    def chain(self, *indices: int) -> list[Hop]:
+        return [Hop(self.hosts[i].peer_id, self.spans[i].start, self.spans[i].end) for i in indices]
+
+
+def run_host_swarm(folder, bounds, fn, **server_kw):
+    """Servers for spans `bounds` [(a, b), ...] of the tiny checkpoint; fn(swarm, local_span)."""
+    ckpt = Checkpoint.open(folder)
+    whole = load_span(ckpt, 0, ckpt.config.num_blocks, torch.float32)
+    spans = [load_span(ckpt, a, b, torch.float32) for a, b in bounds]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            hosts, servers, scopes = [], [], []
+            for span in spans:
+                scope = trio.CancelScope()
+                started = trio.Event()
+
+                async def serve(span=span, scope=scope, started=started):
+                    with scope:
+                        async with open_host(port=0, key_pair=create_new_key_pair()) as host, \
+                                trio.open_nursery() as inner:
+                            server = SpanServer(MODEL, span, host=host, **server_kw)
+                            inner.start_soon(server.run)
+                            host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
+                            hosts.append(host)
+                            servers.append(server)
+                            started.set()
+                            await trio.sleep_forever()
+
+                nursery.start_soon(serve)
+                await started.wait()
+                scopes.append(scope)
+            async with open_host(port=0, key_pair=create_new_key_pair()) as client:
+                for h in hosts:
+                    await client.connect(h.addrs[0])
+                swarm = Swarm(spans, servers, hosts, client, nursery)
+                swarm.stop = lambda i: scopes[i].cancel()  # the server's host goes away, streams reset
+                with trio.fail_after(60):
+                    await fn(swarm, whole)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+
+
+@pytest.fixture
+def host_swarm():
+    """run(folder, [(a, b), ...], fn, **server_kw): fn(swarm, whole_span) inside a running swarm."""
+    return run_host_swarm

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from llmswarm.models.checkpoint import Checkpoint
-from llmswarm.models.errors import CacheFullError
+from llmswarm.models.errors import CacheFullError, CachePositionError, SessionFullError
 from llmswarm.models.paged_cache import PagePool
 from llmswarm.models.span import load_client, load_span
 
@@ -177,9 +177,9 @@ def test_pool_exhaustion_allocates_nothing():
 def test_reserve_checks_like_kvcache():
     pool = PagePool(num_layers=1, num_kv_heads=1, head_dim=4, num_pages=8, page_size=4)
     seq = pool.sequence(max_length=10)
-    with pytest.raises(CacheFullError, match="position 3, but the cache holds 0"):
+    with pytest.raises(CachePositionError, match="position 3, but the cache holds 0"):
         seq.reserve(3, 1)  # a gap
-    with pytest.raises(CacheFullError, match="max length 10"):
+    with pytest.raises(SessionFullError, match="max length 10"):
         seq.reserve(0, 11)
     assert pool.free_pages == 8
     seq.reserve(0, 10)

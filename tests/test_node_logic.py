@@ -120,9 +120,12 @@ def test_server_answers_steps_and_refuses_bad_ones_in_order(span):
         out = Output.from_frame(await stream.recv(), 64, 4)
         assert out.seq == 1
         torch.testing.assert_close(out.hidden, _local(span, x, lambda x: [(0, x)])[0], rtol=0, atol=0)
-        await stream.send(Step(2, 9, x[:, :1]).to_frame())  # beyond the cache: refused, session kept
+        await stream.send(Step(2, 9, x[:, :1]).to_frame())  # a gap after the cache: refused, session kept
         err = Error.from_frame(await stream.recv())
-        assert (err.code, err.seq) == (ErrorCode.CACHE_FULL, 2) and "holds 4 tokens" in err.message
+        assert (err.code, err.seq) == (ErrorCode.BAD_REQUEST, 2) and "holds 4 tokens" in err.message
+        await stream.send(Step(5, 4, torch.randn(1, 29, 64)).to_frame())  # past the session's 32 tokens
+        err = Error.from_frame(await stream.recv())
+        assert (err.code, err.seq) == (ErrorCode.TOO_LONG, 5) and "max length 32" in err.message
         await stream.send(Step(3, 2**31, x[:, :1]).to_frame())  # absurd position: the request's fault
         err = Error.from_frame(await stream.recv())
         assert (err.code, err.seq) == (ErrorCode.BAD_REQUEST, 3) and "position" in err.message

@@ -8,71 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
-from llmswarm.models.checkpoint import Checkpoint
-from llmswarm.models.span import load_span
 from llmswarm.node import config
 from llmswarm.node.client.session import open_session
 from llmswarm.node.errors import PeerError, RemoteError
-from llmswarm.node.host import open_host, quiet_libp2p_logging
-from llmswarm.node.server.span_server import SpanServer
+from llmswarm.node.host import quiet_libp2p_logging
 from llmswarm.node.wire.codec import Frame, MsgType
 from llmswarm.node.wire.messages import Open
-from llmswarm.routing import Hop
 
 quiet_libp2p_logging()
 MODEL = "tiny"
 H = 64
-
-
-class Swarm:
-    """N server hosts, each serving one span, and one client host connected to all of them."""
-
-    def __init__(self, spans, servers, hosts, client, nursery):
-        self.spans, self.servers, self.hosts, self.client, self.nursery = spans, servers, hosts, client, nursery
-
-    def chain(self, *indices: int) -> list[Hop]:
-        return [Hop(self.hosts[i].peer_id, self.spans[i].start, self.spans[i].end) for i in indices]
-
-
-def _run(folder, bounds, fn, **server_kw):
-    """Servers for spans `bounds` [(a, b), ...] of the tiny checkpoint; fn(swarm, local_span)."""
-    ckpt = Checkpoint.open(folder)
-    whole = load_span(ckpt, 0, ckpt.config.num_blocks, torch.float32)
-    spans = [load_span(ckpt, a, b, torch.float32) for a, b in bounds]
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            hosts, servers, scopes = [], [], []
-            for span in spans:
-                scope = trio.CancelScope()
-                started = trio.Event()
-
-                async def serve(span=span, scope=scope, started=started):
-                    with scope:
-                        async with open_host(port=0, key_pair=create_new_key_pair()) as host, \
-                                trio.open_nursery() as inner:
-                            server = SpanServer(MODEL, span, host=host, **server_kw)
-                            inner.start_soon(server.run)
-                            host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
-                            hosts.append(host)
-                            servers.append(server)
-                            started.set()
-                            await trio.sleep_forever()
-
-                nursery.start_soon(serve)
-                await started.wait()
-                scopes.append(scope)
-            async with open_host(port=0, key_pair=create_new_key_pair()) as client:
-                for h in hosts:
-                    await client.connect(h.addrs[0])
-                swarm = Swarm(spans, servers, hosts, client, nursery)
-                swarm.stop = lambda i: scopes[i].cancel()  # the server's host goes away, streams reset
-                with trio.fail_after(60):
-                    await fn(swarm, whole)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
 
 
 def _local(whole, x, steps):
@@ -84,7 +29,7 @@ def _local(whole, x, steps):
 
 
 @pytest.mark.parametrize("relay", [True, False])
-def test_relayed_chain_equals_local_span(tiny_llama, relay):
+def test_relayed_chain_equals_local_span(tiny_llama, relay, host_swarm):
     async def fn(swarm, whole):
         x = torch.randn(1, 5, H)
         steps = [(5 + i, torch.randn(1, 1, H)) for i in range(6)]
@@ -99,10 +44,10 @@ def test_relayed_chain_equals_local_span(tiny_llama, relay):
         relayed = [srv.stats.relayed for srv in swarm.servers]
         assert relayed == ([7, 7, 0] if relay else [0, 0, 0])
 
-    _run(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
+    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
 
 
-def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama):
+def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama, host_swarm):
     """Server 1 dies after the chain is linked: server 0's forward fails, it hands its output to the
     client, which finds server 1 dead, re-routes to the spare (server 3, same blocks), replays, and
     the outputs stay equal to the local span's."""
@@ -129,11 +74,11 @@ def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama):
         for remote, local in zip(outs, _local(whole, x, steps), strict=True):
             torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)  # replayed as one prefill
 
-    _run(tiny_llama, [(0, 2), (2, 4), (4, 6), (2, 4)], fn)
+    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6), (2, 4)], fn)
     assert any("recovered" in n for n in notes)
 
 
-def test_concurrent_sessions_are_batched_and_each_equals_its_local_run(tiny_llama):
+def test_concurrent_sessions_are_batched_and_each_equals_its_local_run(tiny_llama, host_swarm):
     async def fn(swarm, whole):
         n, steps = 6, 8
         prompts = [torch.randn(1, 3 + i, H) for i in range(n)]
@@ -159,10 +104,10 @@ def test_concurrent_sessions_are_batched_and_each_equals_its_local_run(tiny_llam
         assert all(srv.cache_tokens_left == srv.cache_tokens for srv in swarm.servers)  # every page back
 
     # A tiny model computes in well under a millisecond: give the steps a window they can meet.
-    _run(tiny_llama, [(0, 3), (3, 6)], fn, batch_window_s=0.05, batch_window_fraction=1e9)
+    host_swarm(tiny_llama, [(0, 3), (3, 6)], fn, batch_window_s=0.05, batch_window_fraction=1e9)
 
 
-def test_full_cache_is_a_clear_error_and_others_carry_on(tiny_llama):
+def test_full_cache_is_a_clear_error_and_others_carry_on(tiny_llama, host_swarm):
     async def fn(swarm, whole):
         server = swarm.servers[0]
         assert server.cache_tokens == 64  # 4 pages of 16
@@ -179,10 +124,10 @@ def test_full_cache_is_a_clear_error_and_others_carry_on(tiny_llama):
             assert server.cache_tokens_left == 16  # b's page came back when b closed
         assert server.cache_tokens_left == 64
 
-    _run(tiny_llama, [(0, 6)], fn, cache_tokens=64)
+    host_swarm(tiny_llama, [(0, 6)], fn, cache_tokens=64)
 
 
-def test_attach_is_refused_from_another_peer_or_for_an_unknown_session(tiny_llama):
+def test_attach_is_refused_from_another_peer_or_for_an_unknown_session(tiny_llama, host_swarm):
     async def fn(swarm, whole):
         # a session on server 1 that names server 0 as its upstream
         s1 = await swarm.client.open_stream(swarm.hosts[1].peer_id, config.PROTOCOL_INFERENCE)
@@ -204,10 +149,10 @@ def test_attach_is_refused_from_another_peer_or_for_an_unknown_session(tiny_llam
         reply = await s1.recv()
         assert reply.type == MsgType.ERROR and reply.header["seq"] == 1
 
-    _run(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
+    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
 
 
-def test_wire_dtype_bfloat16_is_close_and_announced_in_frames(tiny_llama):
+def test_wire_dtype_bfloat16_is_close_and_announced_in_frames(tiny_llama, host_swarm):
     async def fn(swarm, whole):
         x = torch.randn(1, 5, H)
         async with open_session(swarm.client, swarm.chain(0, 1), MODEL, H, 64, torch.float32,
@@ -218,10 +163,10 @@ def test_wire_dtype_bfloat16_is_close_and_announced_in_frames(tiny_llama):
         diff = (out - local).abs().max().item()
         assert 0 < diff < 0.1 * local.abs().max().item()  # rounded on the wire, not garbage
 
-    _run(tiny_llama, [(0, 3), (3, 6)], fn)
+    host_swarm(tiny_llama, [(0, 3), (3, 6)], fn)
 
 
-def test_a_session_with_a_dead_first_hop_raises_peer_error(tiny_llama):
+def test_a_session_with_a_dead_first_hop_raises_peer_error(tiny_llama, host_swarm):
     async def fn(swarm, whole):
         async with open_session(swarm.client, swarm.chain(0, 1), MODEL, H, 64, torch.float32,
                                 step_timeout_s=3) as s:
@@ -231,4 +176,4 @@ def test_a_session_with_a_dead_first_hop_raises_peer_error(tiny_llama):
             with pytest.raises(PeerError):
                 await s.step(torch.randn(1, 1, H), 2)
 
-    _run(tiny_llama, [(0, 3), (3, 6)], fn)
+    host_swarm(tiny_llama, [(0, 3), (3, 6)], fn)

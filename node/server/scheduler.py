@@ -4,7 +4,7 @@ Each session's handler submits its step as a Job and waits. One scheduler task r
 all waiting one-token steps of sessions that enter the span at the same blocks go through it as one
 batch, each attending to its own paged cache; a multi-token step (a prefill or a replay) runs alone. The
 scheduler is the one place a step's cache room is reserved: a job that cannot get it is refused
-with CacheFullError, and the rest of its batch runs.
+with the CacheError that says why, and the rest of its batch runs.
 When other sessions stepped lately and their steps have not arrived yet, the scheduler waits a little
 for them (never more than a fraction of a step's compute); a lone session never waits.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import trio
-from llmswarm.models.errors import CacheFullError
+from llmswarm.models.errors import CacheError
 from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
 from llmswarm.node import config
@@ -112,13 +112,13 @@ class Scheduler:
     @staticmethod
     def _reserve(batch: list[Job]) -> list[Job]:
         """Make cache room for every job, here and only here: a job that cannot get it is refused
-        (CacheFullError) and the others run."""
+        (CacheError) and the others run."""
         ready = []
         for j in batch:
             try:
                 j.cache.reserve(j.position, j.hidden.shape[1])
                 ready.append(j)
-            except CacheFullError as e:
+            except CacheError as e:
                 j.error = e
                 j.done.set()
         return ready

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import trio
-from llmswarm.models.errors import CacheFullError
+from llmswarm.models.errors import CacheError, CacheFullError, SessionFullError
 from llmswarm.models.paged_cache import PagedSequence
 from llmswarm.models.span import Span
 from llmswarm.node import config
@@ -193,9 +193,9 @@ class SpanServer:
                 return
             try:
                 out = await self.scheduler.run(Job(session, session.span, session.cache, step.hidden, step.position))
-            except CacheFullError as e:  # no page left, or past the session's length: the session stays usable
+            except CacheError as e:  # the step cannot be taken; the session stays usable
                 self.stats.errors += 1
-                await session.send(Error(ErrorCode.CACHE_FULL, str(e), step.seq).to_frame())
+                await session.send(Error(_CACHE_CODES.get(type(e), ErrorCode.BAD_REQUEST), str(e), step.seq).to_frame())
                 return
             out = out.to(session.wire_dtype or step.hidden.dtype)
             relay_failed = None
@@ -227,6 +227,10 @@ class SpanServer:
             for session in list(self.sessions.values()):
                 if now - session.last_active > self.idle_timeout_s:
                     session.scope.cancel()  # its handler cleans up and frees the pages
+
+
+# No page free is "not now" (transient); past the session's length or a gap in positions is the request's fault.
+_CACHE_CODES = {CacheFullError: ErrorCode.CACHE_FULL, SessionFullError: ErrorCode.TOO_LONG}
 
 
 def _seq_or_none(frame: Frame) -> int | None:
