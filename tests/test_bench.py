@@ -52,3 +52,29 @@ def test_bench_route_json_through_the_cli():
     (run,) = rec["runs"]
     assert run["servers"] > 0 and run["dijkstra_matches_exact"] and 0 < run["hv_ratio"] <= 1.0 + 1e-9
     assert run["exact_time_s"] >= 0 and run["nsga2_time_s"] > 0 and rec["summary"][0]["seeds"] == [0]
+
+
+@pytest.mark.slow
+def test_bench_swarm_takes_a_model_folder(smollm2, tmp_path):
+    """A folder given as --model reaches the server processes as that folder (its name would not
+    resolve), relative to where the user typed it."""
+    folder = tmp_path / "my-hf-folder"  # a real folder (its name is the model's name), files linked in
+    folder.mkdir()
+    for f in smollm2.iterdir():
+        (folder / f.name).symlink_to(f)
+    out = subprocess.run(llmswarm_command("bench", "swarm", "--model", "./my-hf-folder", "--servers", "2",
+                                          "--tokens", "4", "--rounds", "1", "--json"),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["model"] == "my-hf-folder" and r["servers"] == 2 and r["token_identical"] is True
+
+
+@pytest.mark.slow
+def test_local_swarm_names_why_a_child_failed(tmp_path):
+    from llmswarm.bench.local_swarm import LocalSwarm
+    from llmswarm.node.errors import NodeError
+
+    with pytest.raises(NodeError, match=r"server 0 exited with code 3 before it was ready: .*no-such-model"):
+        with LocalSwarm("no-such-model", [(0, 1)]):
+            pass
