@@ -32,6 +32,7 @@ class ChatOptions:
     step_timeout: float = 30.0
     relay: bool = True
     wire_dtype: str | None = None
+    exact_weights: bool = False
 
 
 def chat(
@@ -42,8 +43,9 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (the default)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
-    dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (auto: float32 on "
+                                                      "CPU, bfloat16 on GPUs that have it, else float16)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: a GPU if torch sees one)."),
     max_length: int = typer.Option(2048, "--max-length", min=16, help="Tokens a session may hold, prompt included."),
     system: str = typer.Option(None, "--system", help="System message for the chat template."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per answer instead of streaming."),
@@ -59,11 +61,13 @@ def chat(
     wire_dtype: str = typer.Option(None, "--wire-dtype",
                                    help="float32 | bfloat16 | float16 for hidden states on the wire "
                                         "(default: the model's dtype, lossless)."),
+    exact_weights: bool = typer.Option(False, "--exact-weights",
+                                       help="Route only through servers with full-precision (not quantised) weights."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
-    opts = ChatOptions(model, prompt, max_new_tokens, temperature, top_p, seed, dtype, device, max_length,
-                       system, json_out, _split_peers(peers), show_route, solver, prefer, identity, step_timeout,
-                       relay, wire_dtype)
+    opts = ChatOptions(model, prompt, max_new_tokens, temperature, top_p, seed, dtype, _check_device(device),
+                       max_length, system, json_out, _split_peers(peers), show_route, solver, prefer, identity,
+                       step_timeout, relay, wire_dtype, exact_weights)
     if local:
         _chat_local(opts)
     else:
@@ -119,7 +123,6 @@ def _chat_local(opts: ChatOptions) -> None:
     from llmswarm.models.registry import resolve
     from llmswarm.models.span import load_span, parse_dtype
 
-    _check_device(opts.device)
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     with output.progress(not opts.json_out) as report:
@@ -144,11 +147,8 @@ def _turns(opts: ChatOptions):
             yield text
 
 
-def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise typer.BadParameter(f"unknown device {device!r}: use cpu or cuda", param_hint="--device")
-    if device.startswith("cuda"):
-        import torch
+def _check_device(device: str) -> str:
+    """--device as given -> the concrete device (models/device.py decides; DeviceError -> exit 3)."""
+    from llmswarm.models.device import resolve_device
 
-        if not torch.cuda.is_available():
-            raise typer.BadParameter("no CUDA GPU is visible to torch: use --device cpu", param_hint="--device")
+    return resolve_device(device)

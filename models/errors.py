@@ -15,3 +15,11 @@ class CheckpointError(ModelError):
 
 class CacheFullError(ModelError):
     """A session asked for more KV-cache positions than it was given."""
+
+
+class DeviceError(ModelError):
+    """A device or dtype this machine cannot run, or a span that does not fit its memory."""
+
+
+class QuantError(ModelError):
+    """A quantisation mode that is unknown, or that this machine or install cannot run."""

@@ -66,7 +66,8 @@ async def wait_for_coverage(directory: Directory, model: str, num_blocks: int,
 
 async def plan_route(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
                      max_length: int, banned: frozenset[str] = frozenset(),
-                     coverage_wait_s: float = config.COVERAGE_WAIT_S) -> tuple[SolveResult, dict[str, str]]:
+                     coverage_wait_s: float = config.COVERAGE_WAIT_S,
+                     exact_weights: bool = False) -> tuple[SolveResult, dict[str, str]]:
     name, num_blocks = model.spec.name, model.cfg.num_blocks
     records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
     usable = [r for r in records if r.peer_id not in banned]  # excluded anyway: no dial, no ping timeout
@@ -74,13 +75,14 @@ async def plan_route(host: Host, directory: Directory, model: ClientModel, solve
     rtts = await measure_rtts(host, [r.peer_id for r in usable])
     snapshot = to_snapshot(records, name, num_blocks, rtts)
     result = solve(snapshot, solver=solver, prefer=prefer, seed=0, banned=banned, need_cache_tokens=max_length,
-                   time_budget_s=CHAT_SOLVE_BUDGET_S)
-    names = {r.peer_id: r.public_name or r.peer_id[-8:] for r in records}
+                   time_budget_s=CHAT_SOLVE_BUDGET_S, exact_weights=exact_weights)
+    names = {r.peer_id: (r.public_name or r.peer_id[-8:]) + (f" ({r.quant})" if r.quant != "none" else "")
+             for r in records}
     return result, names
 
 
 def make_replan(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
-                max_length: int) -> Replan:
+                max_length: int, exact_weights: bool = False) -> Replan:
     """How a session finds a new chain after a failure: without the banned servers, except those that
     died and answer again (restarted), waiting up to FAILOVER_WAIT_S for a route to exist."""
     name = model.spec.name
@@ -91,7 +93,7 @@ def make_replan(host: Host, directory: Directory, model: ClientModel, solver: st
             await directory.refresh()
             try:
                 result, _ = await plan_route(host, directory, model, solver, prefer, max_length, bans.active(),
-                                             coverage_wait_s=0.0)
+                                             coverage_wait_s=0.0, exact_weights=exact_weights)
                 return result.chosen.chain
             except NoRouteError as e:
                 if time.monotonic() > deadline:
@@ -143,11 +145,13 @@ async def _chat(opts: Any, model: ClientModel, ask: Callable[[], str | None], re
     # A client needs no stable peer id unless the user asks for one (--identity FILE).
     host_cm = open_host(opts.identity) if opts.identity else ephemeral_host()
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
-        result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length)
+        exact = getattr(opts, "exact_weights", False)
+        result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
+                                         exact_weights=exact)
         if opts.show_route:
             render.route(route_lines(result, names))
         chain = result.chosen.chain
-        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length)
+        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, exact)
         async with open_session(host, chain, model.spec.name, model.cfg.hidden_size, opts.max_length, model.dtype,
                                 replan=replan, notify=render.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
