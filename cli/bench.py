@@ -13,20 +13,21 @@ def bench_swarm(
     servers: int = typer.Option(3, "--servers", "-s", min=1, max=16, help="Server processes."),
     rounds: int = typer.Option(5, "--rounds", "-r", min=1, help="Alternating local/swarm rounds."),
     new_tokens: int = typer.Option(64, "--tokens", "-t", min=2, help="Tokens generated per round."),
-    dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N: servers and local reference."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Decode tokens/s through a local N-server swarm vs the same model in-process (medians)."""
     from llmswarm.bench.speed import bench_swarm as run
 
     with output.progress(not json_out) as report:
-        r = run(model, servers, rounds, new_tokens, dtype, report)
+        r = run(model, servers, rounds, new_tokens, dtype, report, device=device)
     if json_out:
         output.print_json(r)
         return
     from rich.table import Table
 
-    t = Table(title=f"{r['model']} {r['dtype']}, {r['servers']} servers {' '.join(r['spans'])}, "
+    t = Table(title=f"{r['model']} {r['dtype']} on {r['device']}, {r['servers']} servers {' '.join(r['spans'])}, "
                     f"{r['new_tokens']} tokens x {r['rounds']} rounds (medians)")
     for col in ("", "tokens/s", "ms/step", "first token ms"):
         t.add_column(col, justify="right")
@@ -55,7 +56,9 @@ def bench_server(
     seconds: float = typer.Option(None, "--seconds", min=0.1, max=600,
                                   help="Decode for this long per session count instead of --tokens steps."),
     prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1, max=4000, help="Prefill length per session."),
-    dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N for the server."),
+    quant: str = typer.Option("none", "--quant", help="none | int8 | nf4 for the server's weights."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Aggregate decode tokens/s of ONE server holding the whole model, with N concurrent sessions."""
@@ -68,14 +71,16 @@ def bench_server(
     if not counts or min(counts) < 1 or max(counts) > 256:
         raise typer.BadParameter("--sessions takes counts from 1 to 256, e.g. 1,4,16")
     with output.progress(not json_out) as report:
-        r = run(model, counts, None if seconds else tokens, seconds, prompt_tokens, dtype, progress=report)
+        r = run(model, counts, None if seconds else tokens, seconds, prompt_tokens, dtype, progress=report,
+                device=device, quant=quant)
     if json_out:
         output.print_json(r)
         return
     from rich.table import Table
 
     length = f"{r['seconds']:g} s" if r["seconds"] else f"{r['tokens']} steps"
-    t = Table(title=f"one server, {r['model']} {r['dtype']} (all {r['blocks']} blocks): prefill "
+    t = Table(title=f"one server, {r['model']} {r['dtype']} {r['quant']} on {r['device']} "
+                    f"(all {r['blocks']} blocks): prefill "
                     f"{r['prompt_tokens']} tokens, then decode {length} per session")
     for col in ("sessions", "tokens/s (all)", "tokens/s per session", "step ms mean", "median", "p90",
                 f"speedup vs {r['speedup_baseline_sessions']}"):
@@ -89,3 +94,33 @@ def bench_server(
     output.console.print(f"server's own in-process decode at start-up: {r['server_in_process_tokens_per_s']:.1f} "
                          f"tokens/s (one session, no network)   outputs vs a lone session: max |diff| {same:.2e}   "
                          f"bench {r['bench_seconds']:.1f} s")
+
+
+def bench_quant(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or folder."),
+    modes: str = typer.Option("none,int8", "--modes", help="Quantisation modes, the first is the reference."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    new_tokens: int = typer.Option(32, "--tokens", "-t", min=2, max=1000, help="Greedy tokens per prompt."),
+    rounds: int = typer.Option(3, "--rounds", "-r", min=1, help="Decode rounds for tokens/s (median)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Memory per block, decode tokens/s and greedy agreement with full precision, per quantisation mode."""
+    from llmswarm.bench.quant import bench_quant as run
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    with output.progress(not json_out) as report:
+        r = run(model, mode_list, device, dtype, new_tokens, rounds, progress=report)
+    if json_out:
+        output.print_json(r)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{r['model']} {r['dtype']} on {r['device']}, {r['blocks']} blocks: greedy agreement over "
+                    f"{r['prompts']} prompts x {r['new_tokens']} tokens (teacher-forced) with {r['reference']}")
+    for col in ("quant", "MiB per block", "vs ref", "tokens/s", "vs ref ", "agreement"):
+        t.add_column(col, justify="right")
+    for row in r["modes"]:
+        t.add_row(row["quant"], f"{row['bytes_per_block'] / 2**20:.2f}", f"{row['bytes_vs_reference']:.3f}",
+                  f"{row['tokens_per_s']:.1f}", f"{row['speed_vs_reference']:.2f}", f"{row['agreement']:.1%}")
+    output.console.print(t)

@@ -19,8 +19,9 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (the default)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
-    dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (auto: float32 on "
+                                                      "CPU, bfloat16 on GPUs that have it, else float16)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: a GPU if torch sees one)."),
     max_length: int = typer.Option(config.DEFAULT_SESSION_LENGTH, "--max-length", min=16,
                                    max=config.MAX_SESSION_LENGTH, help="Tokens a session may hold, prompt included."),
     system: str = typer.Option(None, "--system", help="System message for the chat template."),
@@ -37,16 +38,17 @@ def chat(
     wire_dtype: str = typer.Option(None, "--wire-dtype",
                                    help="float32 | bfloat16 | float16 for hidden states on the wire "
                                         "(default: the model's dtype, lossless)."),
+    exact_weights: bool = typer.Option(False, "--exact-weights",
+                                       help="Route only through servers with full-precision (not quantised) weights."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     from llmswarm.node.client.chat import ChatOptions
 
-    check_device(device)
     opts = ChatOptions(model=model, prompt=prompt, local=local, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=device,
+                       temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=check_device(device),
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
-                       wire_dtype=wire_dtype)
+                       wire_dtype=wire_dtype, exact_weights=exact_weights)
     run_chat_rendered(opts, json_out)
 
 

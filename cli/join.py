@@ -15,13 +15,17 @@ from .params import check_device, parse_blocks, split_peers
 def join(
     model: str = typer.Option(config.DEFAULT_MODEL, "--model", "-m", help="Model name or folder."),
     blocks: str = typer.Option(None, "--blocks", help="Serve blocks START:END (end exclusive)."),
-    num_blocks: int = typer.Option(None, "--num-blocks", min=1, help="Serve N blocks where the swarm is weakest."),
+    num_blocks: int = typer.Option(None, "--num-blocks", min=1,
+                                   help="Serve N blocks where the swarm is weakest (default: as many as fit)."),
     peers: list[str] = typer.Option([], "--peers", envvar="LLMSWARM_PEERS", help="Bootstrap multiaddrs."),
     port: int = typer.Option(0, "--port", min=0, max=65535, help="TCP port (0 = any free port)."),
     host: str = typer.Option(config.DEFAULT_LISTEN_HOST, "--host",
                              help="Address to listen on (0.0.0.0 for other machines)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-    dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: a GPU if torch sees one)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, "
+                                                      "bfloat16 on GPUs that have it, else float16)."),
+    quant: str = typer.Option("none", "--quant", help="none | int8 | nf4: store the span's weights quantised "
+                                                      "(bitsandbytes; nf4 needs a GPU)."),
     public_name: str = typer.Option("", "--public-name", help="Name shown to others in routes and status."),
     max_sessions: int = typer.Option(config.DEFAULT_MAX_SESSIONS, "--max-sessions", min=1,
                                      help="Concurrent sessions admitted."),
@@ -38,17 +42,19 @@ def join(
 ) -> None:
     """Serve a span of a model's blocks to the swarm until Ctrl-C."""
     import trio
+    from llmswarm.models.quant import check_quant
     from llmswarm.node.host import quiet_libp2p_logging
     from llmswarm.node.server.process import ServeOptions, serve
 
-    check_device(device)
     if blocks is not None and num_blocks is not None:
         raise typer.BadParameter("give --blocks or --num-blocks, not both")
+    device = check_device(device)
+    check_quant(quant, device)
     quiet_libp2p_logging()
     opts = ServeOptions(model=model, blocks=parse_blocks(blocks), num_blocks=num_blocks, peers=split_peers(peers),
                         port=port, listen_host=host, device=device, dtype=dtype, public_name=public_name,
                         max_sessions=max_sessions, cache_tokens=cache_tokens, announce_period_s=announce_period,
-                        identity=identity, rebalance_period_s=rebalance_period)
+                        identity=identity, rebalance_period_s=rebalance_period, quant=quant)
     with output.progress(True) as report:
         trio.run(serve, opts, _JoinEvents(report, json_out))
 
@@ -61,11 +67,15 @@ class _JoinEvents:
     def progress(self, task: str, done: float, total: float | None) -> None:
         self.report(task, done, total)
 
+    def planned(self, line: str) -> None:
+        output.err.print(f"[green]chose[/green] {line}")
+
     def ready(self, info: dict) -> None:
         if self.json_out:
             output.print_json_line(info)
         output.err.print(f"[green]serving[/green] {info['model']} blocks {info['start']}:{info['end']} "
-                         f"({info['dtype']}, {info['throughput']:.1f} tokens/s) as {info['addrs'][0]} "
+                         f"({info['dtype']}{'' if info.get('quant', 'none') == 'none' else ', ' + info['quant']}, "
+                         f"{info['device']}, {info['throughput']:.1f} tokens/s) as {info['addrs'][0]} "
                          f"- announced {info['seconds_to_announce']:.1f} s after start")
 
     def status(self, info: dict) -> None:

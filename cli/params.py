@@ -10,14 +10,11 @@ def split_peers(peers: list[str]) -> list[str]:
     return [p for item in peers for p in item.replace(",", " ").split()]
 
 
-def check_device(device: str) -> None:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise typer.BadParameter(f"unknown device {device!r}: use cpu or cuda", param_hint="--device")
-    if device.startswith("cuda"):
-        import torch
+def check_device(device: str) -> str:
+    """--device as given -> the concrete device (models/device.py decides; DeviceError -> exit 3)."""
+    from llmswarm.models.device import resolve_device
 
-        if not torch.cuda.is_available():
-            raise typer.BadParameter("no CUDA GPU is visible to torch: use --device cpu", param_hint="--device")
+    return resolve_device(device)
 
 
 def parse_blocks(blocks: str | None) -> tuple[int, int] | None:

@@ -21,6 +21,8 @@ def route(
     dump: Annotated[Path | None, typer.Option(help="Write the snapshot used to this JSON file.")] = None,
     ban: Annotated[list[str] | None, typer.Option(help="Peer id never to use (repeatable).")] = None,
     need_cache_tokens: Annotated[int, typer.Option(help="KV-cache tokens a server must have free.")] = 0,
+    exact_weights: Annotated[bool, typer.Option("--exact-weights",
+                                                help="Leave out servers with quantised weights.")] = False,
     time_budget: Annotated[float, typer.Option(help="NSGA-II time budget, seconds.")] = 1.0,
     pop_size: Annotated[int, typer.Option(help="NSGA-II population.")] = 50,
     generations: Annotated[int, typer.Option(help="NSGA-II generations (at most).")] = 300,
@@ -38,7 +40,8 @@ def route(
         output.info(f"snapshot written to {dump}")
     objectives = ("latency", "throughput", *(objective or []))
     res = solve(snap, solver, prefer, seed=seed, banned=set(ban or []), need_cache_tokens=need_cache_tokens,
-                time_budget_s=time_budget, pop_size=pop_size, generations=generations, objectives=objectives)
+                time_budget_s=time_budget, pop_size=pop_size, generations=generations, objectives=objectives,
+                exact_weights=exact_weights)
     record = _record(res, snap)
     if plot:
         _plot(res, plot, snap, banned=set(ban or []), need_cache_tokens=need_cache_tokens)
@@ -131,9 +134,12 @@ def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int
 
 
 def _record(res, snap) -> dict:
+    quant = {s.peer_id: s.quant for s in snap.servers}
+
     def point(r):
         return {"latency_s": r.latency_s, "throughput": r.throughput, "hops": r.hops, "risk": r.risk,
-                "chain": [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in r.chain]}
+                "chain": [{"peer_id": h.peer_id, "start": h.start, "end": h.end, "quant": quant.get(h.peer_id, "none")}
+                          for h in r.chain]}
 
     return {"model": snap.model, "num_blocks": snap.num_blocks, "servers": len(snap.servers),
             "solver": res.solver, "objectives": list(res.objectives), "front": [point(r) for r in res.front],
@@ -151,14 +157,16 @@ def _render(record: dict) -> None:
         table.add_column(col, justify="left" if col.startswith("chain") else "right")
     for p in record["front"]:
         mark = "*" if p == chosen else ""
-        chain = " > ".join(f"{_short(h['peer_id'])}:{h['start']}-{h['end']}" for h in p["chain"])
+        chain = " > ".join(f"{_short(h['peer_id'])}:{h['start']}-{h['end']}"
+                           + ("" if h.get("quant", "none") == "none" else f"[{h['quant']}]") for h in p["chain"])
         table.add_row(mark, f"{p['latency_s'] * 1000:.1f}", f"{p['throughput']:.1f}", str(p["hops"]), chain)
     output.console.print(table)
     output.console.print(f"[bold]chosen[/bold]: {chosen['latency_s'] * 1000:.1f} ms/step, "
                          f"{chosen['throughput']:.1f} tok/s, {chosen['hops']} servers. {record['reason']}")
     if record["excluded"]:
         n = len(record["excluded"])
-        output.console.print(f"[dim]{n} server(s) excluded (banned or no cache room)[/dim]")
+        why = ", ".join(sorted(set(record["excluded"].values())))
+        output.console.print(f"[dim]{n} server(s) excluded: {why}[/dim]")
     if record["details"].get("seeds") is not None:
         d = record["details"]
         output.console.print(f"[dim]nsga2: {d['generations']} generations x {d['pop_size']}, seeded with "

@@ -126,10 +126,17 @@ def _load(h: dict[str, Any]) -> str:
     if gpus:
         return " ".join(f"{g.get('name', 'gpu')[:14]} {g.get('util_percent', '?')}% "
                         f"{g.get('mem_used_mb', 0) / 1024:.1f}/{g.get('mem_total_mb', 0) / 1024:.0f}G"
-                        f"{' ' + str(g['temp_c']) + 'C' if 'temp_c' in g else ''}" for g in gpus)
+                        f"{' ' + str(g['temp_c']) + 'C' if 'temp_c' in g else ''}"
+                        f"{' ' + str(g['power_w']) + 'W' if 'power_w' in g else ''}" for g in gpus)
     cpu = h.get("cpu_percent")
     ram = f" ram {h['ram_used_mb'] / 1024:.1f}G" if "ram_used_mb" in h else ""
     return f"cpu {cpu:.0f}%{ram}" if isinstance(cpu, int | float) else "-"
+
+
+def _weights(s: dict[str, Any]) -> str:
+    """dtype, and the quantisation when there is one: "bfloat16", "bfloat16 int8"."""
+    quant = s.get("quant", "none")
+    return (s.get("dtype") or "-") + ("" if quant in ("none", "") else f" [yellow]{quant}[/yellow]")
 
 
 def _servers_table(servers: list[dict[str, Any]]) -> Any:
@@ -137,14 +144,14 @@ def _servers_table(servers: list[dict[str, Any]]) -> Any:
 
     table = Table(title="servers", title_justify="left", expand=False)
     right = {"throughput", "rtt", "cache left", "sessions"}
-    for col in ("server", "peer", "model", "span", "state", "throughput", "rtt", "cache left", "sessions",
-                "load", "version"):
+    for col in ("server", "peer", "model", "span", "weights", "state", "throughput", "rtt", "cache left",
+                "sessions", "load", "version"):
         table.add_column(col, justify="right" if col in right else "left", no_wrap=col in ("server", "state"))
     colours = {"online": "green", "joining": "yellow", "offline": "red", "gone": "red"}
     for s in servers:
         dead = s["state"] in ("offline", "gone")
         rtt = f"{s['rtt_s'] * 1000:.2f} ms" if s["rtt_s"] is not None else "-"
-        table.add_row(s["public_name"] or "-", s["peer_id"][-8:], s["model"], f"{s['start']}:{s['end']}",
+        table.add_row(s["public_name"] or "-", s["peer_id"][-8:], s["model"], f"{s['start']}:{s['end']}", _weights(s),
                       f"[{colours.get(s['state'], 'white')}]{s['state']}[/]", f"{s['throughput']:.1f} tok/s",
                       rtt, str(s["cache_tokens_left"]), str(s["sessions"]), _load(s["health"]),
                       s["version"] or "-", style="dim" if dead else None)

@@ -31,3 +31,11 @@ class CachePositionError(CacheError):
 
 class LengthError(ModelError):
     """A prompt or session longer than the length asked for (--max-length) or allowed."""
+
+
+class DeviceError(ModelError):
+    """A device or dtype this machine cannot run, or a span that does not fit its memory."""
+
+
+class QuantError(ModelError):
+    """A quantisation mode that is unknown, or that this machine or install cannot run."""

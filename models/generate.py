@@ -48,7 +48,7 @@ class Sampler:
         """logits [V] -> token id."""
         if self.s.temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / self.s.temperature, dim=-1)
+        probs = torch.softmax(logits.float().cpu() / self.s.temperature, dim=-1)  # the generator is on CPU
         if self.s.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, 0) - sorted_p < self.s.top_p
@@ -71,14 +71,15 @@ def generation_steps(
     """
     result = GenerationResult(prompt_tokens=len(new_ids))
     started = time.perf_counter()
-    ids = torch.tensor([new_ids], dtype=torch.long)
+    device = next(client.parameters()).device  # the client's parts may live on a GPU
+    ids = torch.tensor([new_ids], dtype=torch.long, device=device)
     first_at = started
     with torch.inference_mode():
         for step in range(max_new_tokens):
             hidden = client.embed(ids)
             out = yield hidden, position
             position += ids.shape[1]
-            token = sampler(client.head(out[:, -1:].to(hidden.dtype))[0, -1])
+            token = sampler(client.head(out[:, -1:].to(hidden.device, hidden.dtype))[0, -1])
             now = time.perf_counter()
             if step == 0:
                 first_at = now
@@ -89,7 +90,7 @@ def generation_steps(
                 break
             result.token_ids.append(token)
             on_token(token)
-            ids = torch.tensor([[token]], dtype=torch.long)
+            ids = torch.tensor([[token]], dtype=torch.long, device=device)
     return result
 
 

@@ -79,3 +79,21 @@ def _spec_from_path(path: Path) -> ModelSpec:
     cfg = ModelConfig.from_folder(path)
     name = path.resolve().name.lower()
     return ModelSpec(name, "", cfg.family, cfg.num_blocks, cfg.hidden_size, 0.0, local_path=path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Device, dtype, memory planning and quantisation defaults (used by models/device.py, models/quant.py)
+# --------------------------------------------------------------------------------------------------
+DEFAULT_DEVICE = "auto"  # CUDA when torch sees a GPU, else CPU
+CPU_DTYPE = "float32"  # dtype "auto" on CPU (bfloat16 is faster on AVX-512-bf16 CPUs but not exact)
+# `join` with neither --blocks nor --num-blocks: blocks that fit in free memory after a margin for
+# activations (a long prefill), the CUDA context's growth and allocator fragmentation.
+CUDA_MARGIN_BYTES = 1024**3  # at least this much of a GPU's free memory is left unused...
+CUDA_MARGIN_FRACTION = 0.10  # ...or this share of it, whichever is more
+CPU_RAM_FRACTION = 0.5  # on CPU, plan with this share of the RAM psutil reports available...
+CPU_MAX_PLAN_BYTES = 32 * 1024**3  # ...and never more than this (a CPU span that large is too slow to help)
+CPU_MARGIN_BYTES = 512 * 1024**2  # then leave this much for activations and Python
+QUANT_MODES = ("none", "int8", "nf4")  # `join --quant`: petals' choices
+DEFAULT_QUANT = "none"
+NF4_BLOCK_SIZE = 64  # weights per absmax scale in nf4 (bitsandbytes' default)
+INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold (bitsandbytes' and petals' choice): larger inputs stay 16-bit

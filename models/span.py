@@ -14,21 +14,16 @@ from torch import nn
 
 from .checkpoint import Checkpoint, Progress, _noop
 from .config import ModelConfig
+from .device import resolve_dtype
 from .errors import CheckpointError
 from .families import family_of
 from .kv_cache import KVCache
 from .paged_cache import PagedSequence, PagePool
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
-    """float32 on CPU unless asked; bfloat16 on GPUs."""
-    if name is None or name == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise CheckpointError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    """float32 on CPU unless asked; bfloat16 on GPUs that support it, else float16 (models/device.py)."""
+    return resolve_dtype(name, device)
 
 
 @dataclass(frozen=True)
@@ -46,10 +41,11 @@ class SpanRange:
 
 class Span:
     def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: nn.ModuleList, dtype: torch.dtype,
-                 device: str, context: object | None = None):
+                 device: str, context: object | None = None, quant: str = "none"):
         self.cfg, self.start, self.end = cfg, start, end
         self.blocks = blocks
         self.dtype, self.device = dtype, device
+        self.quant = quant  # "none" | "int8" | "nf4": how the linear layers' weights are stored
         self.context = context or family_of(cfg).Context(cfg, dtype, device)
 
     def sub(self, start: int, end: int) -> Span:
@@ -60,7 +56,7 @@ class Span:
         if (start, end) == (self.start, self.end):
             return self
         blocks = nn.ModuleList(self.blocks[start - self.start : end - self.start])
-        return Span(self.cfg, start, end, blocks, self.dtype, self.device, self.context)
+        return Span(self.cfg, start, end, blocks, self.dtype, self.device, self.context, self.quant)
 
     @property
     def num_blocks(self) -> int:
@@ -68,7 +64,10 @@ class Span:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.blocks.parameters())
+        """Bytes of the span's weights as stored (quantisation scales included)."""
+        from .quant import weight_bytes
+
+        return weight_bytes(self.blocks)
 
     def new_cache(self, max_length: int) -> KVCache:
         c = self.cfg
@@ -94,7 +93,7 @@ class Span:
         if hidden.shape[0] != 1 and isinstance(cache, PagedSequence):
             raise ValueError(f"a PagedSequence holds one session, but hidden has {hidden.shape[0]} rows")
         ctx = self.context(position, t)
-        hidden = hidden.to(self.dtype)
+        hidden = hidden.to(self.device, self.dtype)  # inputs arrive on the CPU (wire, embeddings)
         for i, block in enumerate(self.blocks):
             hidden = block(hidden, ctx, cache, i)
         cache.length = position + t
@@ -116,7 +115,7 @@ class Span:
             raise ValueError(f"a pool of {pool.num_layers} layers cannot hold this span's {self.num_blocks} blocks")
         batch = pool.batch(seqs, positions)
         ctx = self.context.batch(batch.position_ids, batch.keys)
-        hidden = hidden.to(self.dtype)
+        hidden = hidden.to(self.device, self.dtype)
         for i, block in enumerate(self.blocks):
             hidden = block(hidden, ctx, batch, i)
         batch.commit()
@@ -124,8 +123,18 @@ class Span:
 
 
 def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: str = "cpu",
-              progress: Progress = _noop) -> Span:
+              progress: Progress = _noop, quant: str = "none") -> Span:
+    """Blocks [start, end) on `device`; with `quant` int8/nf4 their linear layers are quantised
+    (loaded on CPU, then quantised one layer at a time on the way to `device`: models/quant.py)."""
     cfg = ckpt.config
+    if quant != "none":
+        from .quant import check_quant, quantize_blocks
+
+        check_quant(quant, device)
+        span = load_span(ckpt, start, end, dtype, "cpu", progress)
+        progress(f"quantising blocks {start}:{end} to {quant}", 0, None)
+        blocks = quantize_blocks(span.blocks, quant, device, dtype)
+        return Span(cfg, start, end, blocks, dtype, device, quant=quant)
     if not 0 <= start < end <= cfg.num_blocks:
         raise CheckpointError(f"blocks {start}:{end} are outside the model's 0:{cfg.num_blocks}")
     family = family_of(cfg)

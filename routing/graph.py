@@ -34,9 +34,9 @@ class ChainGraph:
 
     def __init__(self, snap: Snapshot, *, banned: frozenset[str] | set[str] = frozenset(),
                  need_cache_tokens: int = 0, default_rtt_s: float = DEFAULT_RTT_S,
-                 hop_overhead_s: float = HOP_OVERHEAD_S):
+                 hop_overhead_s: float = HOP_OVERHEAD_S, exact_weights: bool = False):
         self.num_blocks = L = snap.num_blocks
-        self.excluded = _excluded(snap, banned, need_cache_tokens)
+        self.excluded = _excluded(snap, banned, need_cache_tokens, exact_weights)
         cands = [s for s in snap.servers if s.peer_id not in self.excluded]
         _check_coverage(L, cands, self.excluded)
         keep = _useful(L, [(s.start, s.end) for s in cands])
@@ -143,13 +143,16 @@ class _RttModel:
         return est
 
 
-def _excluded(snap: Snapshot, banned, need_cache_tokens: int) -> dict[str, str]:
-    """peer_id -> why it cannot serve this session. A full cache (0 tokens left) always excludes."""
+def _excluded(snap: Snapshot, banned, need_cache_tokens: int, exact_weights: bool = False) -> dict[str, str]:
+    """peer_id -> why it cannot serve this session. A full cache (0 tokens left) always excludes;
+    with exact_weights, so do servers whose weights are quantised."""
     need = max(int(need_cache_tokens), 1)
     out = {}
     for s in snap.servers:
         if s.peer_id in banned:
             out[s.peer_id] = "banned"
+        elif exact_weights and not s.exact_weights:
+            out[s.peer_id] = f"quantised weights ({s.quant})"
         elif s.cache_tokens_left is not None and s.cache_tokens_left < need:
             out[s.peer_id] = f"cache room {s.cache_tokens_left} < {need} tokens"
     return out
@@ -163,7 +166,7 @@ def _check_coverage(L: int, servers, excluded: dict[str, str]) -> None:
     holes = np.flatnonzero(np.cumsum(covered)[:L] == 0)
     if len(holes):
         ranges = _ranges(holes)
-        why = f" ({len(excluded)} servers excluded: banned or no cache room)" if excluded else ""
+        why = f" ({len(excluded)} servers excluded: banned, no cache room or quantised)" if excluded else ""
         raise NoRouteError(f"no eligible server holds block(s) {ranges} of {L}{why}; "
                            "wait for servers to join, or ban fewer")
 

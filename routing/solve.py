@@ -34,10 +34,12 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
           time_budget_s: float | None = 1.0, pop_size: int = 50, generations: int = 300,
           objectives: tuple[str, ...] = ("latency", "throughput"), nsga_seeds: tuple[str, ...] = SEED_KINDS,
           nsga_options: dict | None = None,
-          default_rtt_s: float = DEFAULT_RTT_S, hop_overhead_s: float = HOP_OVERHEAD_S) -> SolveResult:
+          default_rtt_s: float = DEFAULT_RTT_S, hop_overhead_s: float = HOP_OVERHEAD_S,
+          exact_weights: bool = False) -> SolveResult:
     """Route one session through snap. Raises NoRouteError if the eligible servers leave a block
     uncovered, RoutingError on bad arguments. time_budget_s bounds NSGA-II only (None: run all
-    generations; a budget that cuts generations makes runs depend on machine speed)."""
+    generations; a budget that cuts generations makes runs depend on machine speed). exact_weights:
+    leave out servers that announce quantised weights (they are listed in `excluded`)."""
     if solver not in SOLVERS:
         raise RoutingError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if prefer not in PREFERENCES:
@@ -48,7 +50,7 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
         raise RoutingError(f"objectives must be latency, throughput and any of hops, risk; got {objectives}")
     t0 = time.perf_counter()
     g = ChainGraph(snap.validate(), banned=frozenset(banned), need_cache_tokens=need_cache_tokens,
-                   default_rtt_s=default_rtt_s, hop_overhead_s=hop_overhead_s)
+                   default_rtt_s=default_rtt_s, hop_overhead_s=hop_overhead_s, exact_weights=exact_weights)
     details: dict = {"servers_in_graph": len(g.servers), "graph_time_s": time.perf_counter() - t0}
     if solver == "dijkstra":
         front = [dijkstra_route(g)]

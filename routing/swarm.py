@@ -34,6 +34,11 @@ class ServerInfo:
     public_name: str | None = None
     region: str | None = None  # key into Snapshot.region_rtts, used where no RTT was measured
     availability: float = 1.0  # probability it stays up for the session; risk = -log(availability)
+    quant: str = "none"  # how its weights are stored: "none" (exact), "int8", "nf4", ...
+
+    @property
+    def exact_weights(self) -> bool:
+        return self.quant == "none"
 
     @property
     def length(self) -> int:
@@ -91,6 +96,8 @@ class Snapshot:
                 rec["next_rtts"] = dict(s.next_rtts)
             if s.availability != 1.0:
                 rec["availability"] = s.availability
+            if s.quant != "none":
+                rec["quant"] = s.quant
             servers.append(rec)
         return {"format": SNAPSHOT_FORMAT, "model": self.model, "num_blocks": self.num_blocks,
                 "region_rtts": self.region_rtts, "servers": servers}
@@ -195,7 +202,7 @@ def _server_from_dict(rec: Any, i: int) -> ServerInfo:
         opt["cache_tokens_left"] = _field(rec, "cache_tokens_left", int, where)
     if rec.get("rtt_s") is not None:
         opt["rtt_s"] = _field(rec, "rtt_s", float, where)
-    for key in ("public_name", "region"):
+    for key in ("public_name", "region", "quant"):
         if rec.get(key) is not None:
             opt[key] = str(rec[key])
     if "availability" in rec:

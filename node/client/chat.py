@@ -41,8 +41,8 @@ class ChatOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    dtype: str | None = None
-    device: str = "cpu"
+    dtype: str | None = None  # None or "auto": float32 on CPU, bfloat16 on GPUs that have it, else float16
+    device: str = "cpu"  # a concrete device (models/device.py resolves "auto")
     max_length: int = config.DEFAULT_SESSION_LENGTH
     system: str | None = None
     peers: list[str] = field(default_factory=list)
@@ -53,6 +53,7 @@ class ChatOptions:
     step_timeout: float = config.STEP_TIMEOUT_S
     relay: bool = True
     wire_dtype: str | None = None
+    exact_weights: bool = False  # route only through servers with full-precision weights
 
 
 class ChatEvents(Protocol):
@@ -101,10 +102,11 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
     # A client needs no stable peer id unless the user asks for one (--identity FILE).
     host_cm = open_host(opts.identity) if opts.identity else ephemeral_host()
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
-        result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length)
+        result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
+                                         exact_weights=opts.exact_weights)
         if opts.show_route:
             events.route(route_lines(result, names))
-        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length)
+        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights)
         async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
                                 model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:

@@ -17,6 +17,7 @@ import binascii
 import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from llmswarm.node.errors import WireError
 ENVELOPE_VERSION = 1
 DOMAIN = b"llmswarm-server-record-v1\n"  # signatures cannot be replayed as another kind of message
 STATES = ("joining", "online", "offline")
+QUANT_NAME = re.compile(r"[a-z0-9_]{1,16}")  # not a fixed list: newer servers may announce new modes
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class ServerRecord:
     public_name: str = ""
     next_rtts: dict[str, float] = field(default_factory=dict)  # peer_id -> RTT seconds
     health: dict[str, Any] = field(default_factory=dict)  # free-form: GPU/CPU figures
+    # How the span's linear weights are stored: "none" (full precision, in `dtype`), "int8", "nf4", or
+    # a mode a newer version adds. Records from before this field read as "none".
+    quant: str = "none"
     seq: int = 0  # strictly increasing per server (time_ns at creation)
     expires_at: float = 0.0  # unix seconds
 
@@ -181,6 +186,8 @@ def _record_from_dict(d: Any) -> ServerRecord:
     for name in ("version", "dtype", "public_name"):
         if name in d:
             _str(d[name], name)
+    if "quant" in d and (not isinstance(d["quant"], str) or not QUANT_NAME.fullmatch(d["quant"])):
+        raise WireError("record field quant must be a short lowercase name such as none, int8 or nf4")
     rtts = d.get("next_rtts", {})
     if not isinstance(rtts, dict) or len(rtts) > config.MAX_RECORD_NEXT_RTTS:
         raise WireError(

@@ -29,6 +29,7 @@ the dict as a live TUI or prints it with `--json`. JSON fields (stable; new ones
                                      ram_used_mb, gpus [...], gpu, tokens_served, ...
         version              str     llmswarm version the server runs
         dtype                str
+        quant                str     "none" (weights as in dtype), "int8" or "nf4"
         expires_in_s         float   seconds until its record expires (0 for "gone")
 """
 
@@ -72,7 +73,7 @@ def server_row(r: ServerRecord, rtt_s: float | None, now: float) -> dict[str, An
     return {"public_name": r.public_name, "peer_id": r.peer_id, "model": r.model, "start": r.start, "end": r.end,
             "state": r.state, "throughput": round(r.throughput, 3), "inference_rps": round(r.inference_rps, 3),
             "rtt_s": rtt_s, "cache_tokens_left": r.cache_tokens_left, "sessions": r.sessions,
-            "health": dict(r.health), "version": r.version, "dtype": r.dtype,
+            "health": dict(r.health), "version": r.version, "dtype": r.dtype, "quant": r.quant,
             "expires_in_s": round(max(0.0, r.expires_at - now), 1)}
 
 

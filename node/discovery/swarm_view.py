@@ -78,7 +78,7 @@ def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: 
         ServerInfo(
             peer_id=r.peer_id, start=r.start, end=r.end, inference_rps=r.inference_rps, throughput=r.throughput,
             cache_tokens_left=r.cache_tokens_left, rtt_s=rtts.get(r.peer_id), next_rtts=dict(r.next_rtts),
-            public_name=r.public_name or None,
+            public_name=r.public_name or None, quant=r.quant,
         )
         for r in records
         if r.peer_id in rtts  # a server we cannot ping cannot serve us either

@@ -8,7 +8,8 @@
     ram_total_mb       int
     rss_mb             int    this process's resident memory, MiB
     gpus               list   one entry per GPU this server uses:
-                              {"index", "name", "mem_used_mb", "mem_total_mb", "util_percent", "temp_c"}
+                              {"index", "name", "mem_used_mb", "mem_total_mb", "util_percent", "temp_c",
+                               "power_w", "power_limit_w"}
     gpu                str    "nvml" when `gpus` is filled; otherwise why not ("cpu device", "no nvml: ...")
     sessions           int    open inference sessions
     tokens_served      int    tokens run through the span since start (prefill + decode)
@@ -80,7 +81,7 @@ class HealthCollector:
     def _gpu(self, index: int) -> dict[str, Any]:
         nv = self._nvml
         try:
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            handle = _handle(nv, index)
             name = nv.nvmlDeviceGetName(handle)
             g: dict[str, Any] = {"index": index, "name": (name.decode() if isinstance(name, bytes) else name)[:64]}
             mem = nv.nvmlDeviceGetMemoryInfo(handle)
@@ -89,12 +90,26 @@ class HealthCollector:
             log.debug("nvml failed for GPU %d: %s", index, e)
             return {}
         for key, read in (("util_percent", lambda: nv.nvmlDeviceGetUtilizationRates(handle).gpu),
-                          ("temp_c", lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))):
+                          ("temp_c", lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)),
+                          ("power_w", lambda: nv.nvmlDeviceGetPowerUsage(handle) / 1000),  # milliwatts
+                          ("power_limit_w", lambda: nv.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000)):
             try:
                 g[key] = int(read())
             except Exception:  # some GPUs (MIG slices, vGPUs) do not report these
                 pass
         return g
+
+
+def _handle(nv: Any, index: int) -> Any:
+    """NVML handle of torch's cuda:`index`. NVML counts every GPU of the machine while torch counts
+    only those CUDA_VISIBLE_DEVICES leaves, so match by UUID where torch knows it."""
+    try:
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:
+        return nv.nvmlDeviceGetHandleByIndex(index)
 
 
 def _trim(h: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ SIGTERM) announces "offline" before the process exits.
 
 from __future__ import annotations
 
+import functools
 import random
 import signal
 import statistics
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import trio
 from llmswarm.models.checkpoint import Checkpoint
+from llmswarm.models.device import MemoryPlan, plan_for_device
 from llmswarm.models.fetch import locate
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import Span, load_span, parse_dtype
@@ -38,7 +40,7 @@ from llmswarm.routing.balance import better_start, choose_start
 class ServeOptions:
     model: str
     blocks: tuple[int, int] | None = None  # explicit span
-    num_blocks: int | None = None  # or: this many blocks where the swarm is weakest
+    num_blocks: int | None = None  # or: this many blocks where the swarm is weakest (None: as many as fit)
     peers: list[str] = field(default_factory=list)
     port: int = 0
     listen_host: str = config.DEFAULT_LISTEN_HOST
@@ -50,6 +52,7 @@ class ServeOptions:
     announce_period_s: float = config.ANNOUNCE_PERIOD_S
     identity: str | None = None
     rebalance_period_s: float = config.REBALANCE_PERIOD_S  # 0 = never move
+    quant: str = "none"  # "none" | "int8" | "nf4" (models/quant.py)
 
 
 class ServeEvents:
@@ -60,6 +63,7 @@ class ServeEvents:
     def status(self, info: dict[str, Any]) -> None: ...
     def stopping(self) -> None: ...
     def moved(self, info: dict[str, Any]) -> None: ...
+    def planned(self, line: str) -> None: ...
 
 
 @dataclass
@@ -123,9 +127,13 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
         async with open_directory(host, opts.peers, [spec.name]) as directory:
             folder = await in_passing_thread(lambda: locate(spec, events.progress, _want_for(opts)))
             ckpt = Checkpoint.open(folder)
-            start, end = _pick_span(opts, ckpt, directory, spec.name)
+            plan = _memory_plan(opts, ckpt, dtype)
+            start, end = _pick_span(opts, ckpt, directory, spec.name, plan.num_blocks if plan else None)
+            if plan is not None:
+                placement = f"blocks {start}:{end}, where the swarm is weakest: {plan.reason()}"
+                getattr(events, "planned", lambda _: None)(placement)
             span = await in_passing_thread(
-                lambda: load_span(ckpt, start, end, dtype, opts.device, events.progress))
+                lambda: load_span(ckpt, start, end, dtype, opts.device, events.progress, quant=opts.quant))
             events.progress("measuring throughput", 0, None)
             speed = measure_throughput(span)  # on the thread that will serve steps, or it under-reports 2x
             server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens, host=host)
@@ -145,7 +153,8 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                     nursery.start_soon(_rebalance_forever, host, directory, state, ckpt, opts, dtype, events,
                                        make_record)
                 events.ready({"peer_id": host.peer_id, "addrs": host.addrs, "model": spec.name, "start": start,
-                              "end": end, "dtype": str(dtype).removeprefix("torch."),
+                              "end": end, "dtype": str(dtype).removeprefix("torch."), "quant": span.quant,
+                              "device": str(span.device),
                               "seconds_to_announce": round(time.monotonic() - joined_at, 3),
                               "inference_rps": round(speed.inference_rps, 2),
                               "throughput": round(speed.throughput, 2)})
@@ -169,7 +178,7 @@ class _State:
             addrs=host.addrs, state="online", inference_rps=self.speed.inference_rps,
             prefill_tps=self.speed.prefill_tps, throughput=self.speed.throughput,
             cache_tokens_left=s.cache_tokens_left, sessions=s.stats.sessions, version=version("llmswarm"),
-            dtype=dtype, public_name=public_name, next_rtts=dict(self.next_rtts),
+            dtype=dtype, quant=s.span.quant, public_name=public_name, next_rtts=dict(self.next_rtts),
             health=self.health.collect(sessions=s.stats.sessions, tokens_served=s.stats.tokens_served,
                                        cache_tokens_in_use=s.cache_tokens - s.cache_tokens_left),
         )
@@ -184,14 +193,24 @@ def _want_for(opts: ServeOptions) -> Callable[[Checkpoint], list[str]] | None:
     return lambda ck: ck.span_keys(start, end)
 
 
-def _pick_span(opts: ServeOptions, ckpt: Checkpoint, directory: Directory, model: str) -> tuple[int, int]:
+def _memory_plan(opts: ServeOptions, ckpt: Checkpoint, dtype: torch.dtype) -> MemoryPlan | None:
+    """Neither --blocks nor --num-blocks: as many blocks as fit in free memory (models/device.py)."""
+    if opts.blocks is not None or opts.num_blocks is not None:
+        return None
+    tokens = opts.cache_tokens or config.DEFAULT_CACHE_TOKENS
+    cap = None if opts.cache_tokens else config.DEFAULT_CACHE_BYTES  # as SpanServer caps its default pool
+    return plan_for_device(ckpt.config, opts.device, dtype, opts.quant, tokens, cap)
+
+
+def _pick_span(opts: ServeOptions, ckpt: Checkpoint, directory: Directory, model: str,
+               planned: int | None = None) -> tuple[int, int]:
     total = ckpt.config.num_blocks
     if opts.blocks is not None:
         start, end = opts.blocks
         if not 0 <= start < end <= total:
             raise NodeError(f"--blocks {start}:{end} is outside {model}'s blocks 0:{total}")
         return start, end
-    n = opts.num_blocks or total
+    n = opts.num_blocks or planned or total
     if not 0 < n <= total:
         raise NodeError(f"--num-blocks {n} must be between 1 and {total} for {model}")
     spans = [(r.start, r.end, r.throughput) for r in live_records(directory.records(model), model)]
@@ -239,7 +258,8 @@ async def _rebalance_forever(host: Host, directory: Directory, state: _State, ck
             continue
         end = target + span.num_blocks
         events.progress(f"moving to blocks {target}:{end}", 0, None)
-        new = await in_passing_thread(load_span, ckpt, target, end, dtype, opts.device, events.progress)
+        new = await in_passing_thread(functools.partial(load_span, ckpt, target, end, dtype, opts.device,
+                                                        events.progress, quant=opts.quant))
         state.speed = measure_throughput(new)
         old = (span.start, span.end)
         server.span = new
