@@ -25,6 +25,13 @@ DEFAULT_LISTEN_HOST = "127.0.0.1"  # servers meant for other machines pass "0.0.
 IDENTITY_DIR_NAME = "llmswarm"
 IDENTITY_FILE_NAME = "identity.key"
 MAX_CONNECTIONS_PER_PEER = 1  # 1 skips the swarm's 250 ms happy-eyeballs wait (trap 9)
+# Keys a machine's processes take in turn from the default folder (identity.key, identity-1.key, ...),
+# one per live process (node/identity.py): far above the servers one machine runs (one per GPU).
+MAX_DEFAULT_IDENTITIES = 64
+# Distinct peers (by IP) that must report the same observed address before we announce it: one
+# peer alone could lie to steer our traffic (py-libp2p's own activation threshold is 4, which a
+# small swarm never reaches).
+OBSERVED_ADDR_MIN_OBSERVERS = 2
 
 
 def default_identity_path() -> Path:
@@ -37,6 +44,12 @@ def default_identity_path() -> Path:
 # Timeouts (seconds). Every network wait of node/ is bounded by one of these (trap 4, trap 8).
 # --------------------------------------------------------------------------------------------------
 DIAL_TIMEOUT_S = 5.0  # TCP connect + Noise + yamux negotiation of one dial
+# One address among several (connect_any): a handshake is ~5 round trips (TCP, multistream, Noise
+# XX, yamux), 0.75 s at 150 ms RTT; 3 s also absorbs one lost SYN (retransmitted after 1 s). An
+# address that silently drops packets (a private address of another LAN) costs no more than this.
+DIAL_ADDR_TIMEOUT_S = 3.0
+# All the addresses of one peer together: a record with many dead addresses cannot stretch a chat.
+DIAL_ALL_TIMEOUT_S = 8.0
 STREAM_OPEN_TIMEOUT_S = 3.0  # new_stream incl. multistream protocol negotiation
 READ_TIMEOUT_S = 10.0  # default bound on receiving one whole frame
 WRITE_TIMEOUT_S = 10.0  # bound on sending one frame (a peer that stops reading blocks writes)
