@@ -1,7 +1,7 @@
 """A WAN test bed on one Linux machine: network namespaces joined by a userspace switch that delays
 and drops frames, one of them behind a NAT router. Needs root and `ip netns`; no `sch_netem`.
 
-Layout (names carry this process's pid, so two beds never meet and stale ones can be found):
+Layout (names carry this process's pid and a count, so beds never meet and stale ones can be found):
   - a hub namespace runs the switch (`python -m llmswarm.bench.netbed switch`): it opens one TAP
     device per node and moves each into its node's namespace (the TAP's file stays with the switch,
     so every frame a node sends reaches the switch). A frame read from node i is dropped with
@@ -88,7 +88,7 @@ def remove_stale_beds() -> list[str]:
     """Delete namespaces of beds whose process is gone (a bed killed with SIGKILL)."""
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
-        m = re.match(rf"({PREFIX}(\d+)-\S+)", line)
+        m = re.match(rf"({PREFIX}(\d+)b\d+-\S+)", line)
         if m and not _alive(int(m.group(2))):
             _ip("netns", "del", m.group(1), check=False)
             removed.append(m.group(1))
@@ -146,7 +146,9 @@ class NetBed:
 
     def start(self) -> None:
         remove_stale_beds()
-        self._tag = f"{PREFIX}{os.getpid()}"
+        global _beds_made
+        _beds_made += 1
+        self._tag = f"{PREFIX}{os.getpid()}b{_beds_made}"
         ports = list(self.delays_ms) + (["nat"] if self.nat else [])
         hub = self._add_ns("hub")
         spec = ",".join(f"{self.delays_ms.get(n, self.nat_delay_ms)}:{self.loss.get(n, 0.0)}" for n in ports)
@@ -289,6 +291,9 @@ print(statistics.median(rtts) * 1000)
 """
 
 
+_beds_made = 0  # beds this process has built: part of their names, so several may live at once
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -354,6 +359,48 @@ def run_switch(tag: str, spec: str) -> None:
                 if p != src:
                     with contextlib.suppress(OSError):  # a full TAP queue drops, as a wire would
                         os.write(fds[p], frame)
+
+
+# -- a swarm in the bed -------------------------------------------------------------------------------
+SWARM_START_TIMEOUT_S = 180.0  # servers load weights and measure themselves on shared cores
+
+
+@dataclass
+class BedSwarm:
+    peers: list[str]  # the bootstrap's printed address (dialable inside the bed)
+    ready: dict[str, dict]  # node -> its `join --json` ready record
+
+
+def start_swarm(bed: NetBed, model: str, spans: dict[str, tuple[int, int]], *, boot: str = "boot",
+                env: dict[str, str] | None = None, announce_period_s: float = 1.0) -> BedSwarm:
+    """A bootstrap in `boot` and one `join` per entry of `spans` (node -> blocks), every one on a
+    wildcard listen address with no --identity, as a person runs them on separate machines."""
+    from llmswarm.bench.local_swarm import llmswarm_command
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    b = bed.popen(boot, llmswarm_command("bootstrap", "--host", "0.0.0.0", "--port", "0"),
+                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    peers = [_read_line(b, "bootstrap", SWARM_START_TIMEOUT_S).strip()]
+    procs = {}
+    for node, (start, end) in spans.items():
+        procs[node] = bed.popen(node, llmswarm_command(
+            "join", "--model", model, "--blocks", f"{start}:{end}", "--peers", *peers, "--host", "0.0.0.0",
+            "--public-name", node, "--announce-period", str(announce_period_s), "--rebalance-period", "0", "--json"),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    import json
+
+    deadline = time.monotonic() + SWARM_START_TIMEOUT_S
+    ready = {n: json.loads(_read_line(p, n, deadline - time.monotonic())) for n, p in procs.items()}
+    return BedSwarm(peers, ready)
+
+
+def _read_line(proc: subprocess.Popen, what: str, timeout_s: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], max(0.1, timeout_s))
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise NodeError(f"{what} in the bed printed nothing within {timeout_s:.0f} s (exit code {proc.poll()})")
+    return line
 
 
 # -- check: a bed, its RTTs and its NAT --------------------------------------------------------------
