@@ -103,6 +103,9 @@ DEFAULT_CACHE_BYTES = 256 * 1024**2  # ...what fits in this many bytes: the page
 MAX_STEP_TOKENS = 8192  # new tokens in one STEP (a prefill)
 STATUS_PERIOD_S = 1.0  # how often `join` refreshes its live status line
 NEXT_HOP_PING_COUNT = 3  # PINGs per next-hop server when measuring RTTs for our record
+# A server with a next hop not yet found or not reachable measures again after this long instead of a
+# whole announce period (30 s), so its record carries real server-to-server RTTs soon after it joins.
+NEXT_HOP_RETRY_S = 2.0
 CLIENT_PING_COUNT = 3  # PINGs per candidate server before a client routes
 COVERAGE_WAIT_S = 20.0  # how long `chat` waits for the swarm to cover every block
 BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each further failure

@@ -103,11 +103,14 @@ def test_route_picks_the_near_server_and_probe_measures_the_links(smollm2, env):
         res = bed.run("client", llmswarm_command("probe", "--peers", swarm.peers[0], "--json"), timeout_s=120)
         assert res.returncode == 0, res.stderr[-2000:]
         rtts = {r["peer_id"]: r["rtt_median_s"] * 1000 for r in json.loads(res.stdout)["servers"]}
-        print(f"\nprobe: near {rtts[near]:.1f} ms (emulated 35), far {rtts[far]:.1f} ms (emulated 90); "
-              f"kernel: {bed.ping_rtt_ms('client', 'near'):.1f} / {bed.ping_rtt_ms('client', 'far'):.1f}")
-        # within 10%, plus what a PING costs in py-libp2p itself on these loaded cores (measured 4-7 ms)
+        kernel = {near: bed.ping_rtt_ms("client", "near"), far: bed.ping_rtt_ms("client", "far")}
+        print(f"\nprobe: near {rtts[near]:.1f} ms (emulated 35, kernel {kernel[near]:.1f}), "
+              f"far {rtts[far]:.1f} ms (emulated 90, kernel {kernel[far]:.1f})")
+        # The kernel's RTT is the bed's real one (its Python switch lags a few ms on busy cores); probe
+        # must report it within 10%, plus what a PING costs in py-libp2p itself on these cores.
         for pid, emulated in ((near, 35.0), (far, 90.0)):
-            assert 0.95 * emulated <= rtts[pid] <= 1.1 * emulated + STACK_RTT_MS
+            assert 0.95 * emulated <= kernel[pid] <= 1.1 * emulated + STACK_RTT_MS
+            assert 0.95 * kernel[pid] <= rtts[pid] <= 1.1 * kernel[pid] + STACK_RTT_MS
         namespaces = [n.ns for n in bed.nodes.values()]
     left = os.popen("ip netns list").read().split()
     assert not set(namespaces) & set(left)  # torn down

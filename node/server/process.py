@@ -217,7 +217,11 @@ async def _measure_next_hops(host: Host, directory: Directory, state: _State, pe
             except PeerError:
                 continue
         state.next_rtts = rtts
-        await trio.sleep(min(period_s, 10.0) if not rtts and targets else period_s)
+        # A server that finds no next hop yet (it joined first, or the next one is still loading), or
+        # cannot reach one, looks again soon: until it publishes these RTTs, routes through it are
+        # priced with guesses. Once every next hop is measured, once per announce period is enough.
+        complete = bool(targets) and len(rtts) == len(targets[: config.MAX_RECORD_NEXT_RTTS])
+        await trio.sleep(period_s if complete else min(period_s, config.NEXT_HOP_RETRY_S))
 
 
 async def _rebalance_forever(host: Host, directory: Directory, state: _State, ckpt: Checkpoint,
