@@ -43,21 +43,25 @@ def default_identity_path() -> Path:
 # --------------------------------------------------------------------------------------------------
 # Timeouts (seconds). Every network wait of node/ is bounded by one of these (trap 4, trap 8).
 # --------------------------------------------------------------------------------------------------
-DIAL_TIMEOUT_S = 5.0  # TCP connect + Noise + yamux negotiation of one dial
+# Internet sizing: every bound below holds at 150 ms RTT with 2% loss. A TCP retransmission then
+# costs one RTO (>= 200 ms, ~350 ms at this RTT; a lost SYN 1 s), so a wait of N round trips gets N x
+# 150 ms plus ~1 s of slack for one or two losses. Measured on the WAN bed (bench/netbed.py): chats
+# at 25 ms one-way and 2% loss on every link finish with these defaults.
+DIAL_TIMEOUT_S = 5.0  # TCP connect + Noise + yamux negotiation of one dial: ~5 RTTs (0.75 s) + a lost SYN
 # One address among several (connect_any): a handshake is ~5 round trips (TCP, multistream, Noise
 # XX, yamux), 0.75 s at 150 ms RTT; 3 s also absorbs one lost SYN (retransmitted after 1 s). An
 # address that silently drops packets (a private address of another LAN) costs no more than this.
 DIAL_ADDR_TIMEOUT_S = 3.0
 # All the addresses of one peer together: a record with many dead addresses cannot stretch a chat.
 DIAL_ALL_TIMEOUT_S = 8.0
-STREAM_OPEN_TIMEOUT_S = 3.0  # new_stream incl. multistream protocol negotiation
+STREAM_OPEN_TIMEOUT_S = 3.0  # new_stream incl. multistream negotiation: 1-2 RTTs (0.3 s) + two losses
 READ_TIMEOUT_S = 10.0  # default bound on receiving one whole frame
 WRITE_TIMEOUT_S = 10.0  # bound on sending one frame (a peer that stops reading blocks writes)
 REQUEST_TIMEOUT_S = 10.0  # one small request/response (records, ping)
 STEP_TIMEOUT_S = 30.0  # one inference step on a server, network included
 HANDLER_TIMEOUT_S = 60.0  # total life of one short request handler (not inference sessions)
-PING_TIMEOUT_S = 2.0  # one PING -> PONG round trip
-CLOSE_TIMEOUT_S = 1.0  # graceful close of a stream before it is reset instead
+PING_TIMEOUT_S = 2.0  # one PING -> PONG round trip: 1 RTT (0.15 s) + a few RTOs; slower is "unreachable"
+CLOSE_TIMEOUT_S = 1.0  # graceful close of a stream before it is reset instead (a reset is harmless)
 HOST_CLOSE_TIMEOUT_S = 3.0  # closing all connections and listeners of a host on exit
 SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no step for this long is closed by the server
 
@@ -123,7 +127,7 @@ MAX_BATCH_SESSIONS = 64  # decode steps in one batch
 PAGE_TOKENS = 16
 # Relay: clients link each server to the next so hidden states go server to server (config, not a
 # protocol constant: `chat --no-relay` turns it off per session).
-LINK_TIMEOUT_S = 5.0  # dial + ATTACH of one next hop
+LINK_TIMEOUT_S = 5.0  # dial (all addresses) + ATTACH of one next hop: ~7 RTTs (1 s) + losses
 RELAY_PING_TIMEOUT_S = 2.0  # after a relayed step times out, how long each hop has to answer a ping
 MAX_RECOVERIES_PER_STEP = 4  # re-routes one step may attempt before the chat gives up with an error
 FAILOVER_WAIT_S = 30.0  # how long a chat waits for a route without its failed servers (or their return)
