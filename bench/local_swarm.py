@@ -1,8 +1,10 @@
 """A whole swarm on this machine: one bootstrap and N `join` processes splitting a model.
 
 Used by `llmswarm demo`, `llmswarm bench swarm` and the end-to-end tests. Every process it starts
-is a real `llmswarm` process on 127.0.0.1 with its own identity, and every one of them is stopped
-on any exit (SIGTERM, then SIGKILL after a grace period), Ctrl-C included.
+is a real `llmswarm` process on 127.0.0.1 with its own identity (a key file in the work folder, or
+with `key_files=False` no --identity flag at all: each process takes a free key of the default
+folder, as a user's processes do), and every one of them is stopped on any exit (SIGTERM, then
+SIGKILL after a grace period), Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -59,11 +61,12 @@ class LocalSwarm:
                  dtype: str | None = None, extra_join_args: tuple[str, ...] = (),
                  progress: Callable[[str, float, float | None], None] = lambda *a: None,
                  workdir: str | None = None, server_env: dict[str, str] | None = None,
-                 rebalance_period_s: float = 0.0) -> None:
+                 rebalance_period_s: float = 0.0, key_files: bool = True) -> None:
         self.model, self.spans = model, spans
         self.announce_period_s, self.dtype = announce_period_s, dtype
         self.extra_join_args = extra_join_args
         self.rebalance_period_s = rebalance_period_s
+        self.key_files = key_files
         self.server_env = server_env if server_env is not None else _colocated_env()
         self.progress = progress
         self._tmp = tempfile.TemporaryDirectory(prefix="llmswarm-") if workdir is None else None
@@ -88,7 +91,7 @@ class LocalSwarm:
         self.stop()
 
     def start(self) -> None:
-        self.bootstrap = self._spawn("bootstrap", "--port", "0", "--identity", str(self.workdir / "bootstrap.key"))
+        self.bootstrap = self._spawn("bootstrap", "--port", "0", *self._identity("bootstrap"))
         self.peers = [self._read_line(self.bootstrap, "bootstrap").strip()]
         for i, (start, end) in enumerate(self.spans):
             self.start_server(i, start, end)
@@ -101,7 +104,7 @@ class LocalSwarm:
 
     def start_server(self, i: int, start: int, end: int, *extra: str) -> subprocess.Popen:
         args = ["join", "--model", self.model, "--blocks", f"{start}:{end}", "--peers", *self.peers,
-                "--identity", str(self.workdir / f"server{i}.key"), "--public-name", f"server{i}",
+                *self._identity(f"server{i}"), "--public-name", f"server{i}",
                 "--announce-period", str(self.announce_period_s), "--json",
                 # servers sharing one machine measure each other's load: only move when asked to
                 "--rebalance-period", str(self.rebalance_period_s), *self.extra_join_args, *extra]
@@ -135,6 +138,9 @@ class LocalSwarm:
             self._tmp = None
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _identity(self, name: str) -> list[str]:
+        return ["--identity", str(self.workdir / f"{name}.key")] if self.key_files else []
+
     def _spawn(self, *args: str) -> subprocess.Popen:
         path = self.workdir / f"{args[0]}-{len(self.servers)}.log"
         log = open(path, "w")  # noqa: SIM115 - lives with the process

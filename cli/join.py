@@ -35,7 +35,9 @@ def join(
                                                  f"{config.DEFAULT_CACHE_BYTES // 2**20} MiB)."),
     announce_period: float = typer.Option(config.ANNOUNCE_PERIOD_S, "--announce-period", min=0.2,
                                           help="Seconds between announcements."),
-    identity: str = typer.Option(None, "--identity", help="Key file (default: the user's data dir)."),
+    identity: str = typer.Option(None, "--identity", help="Key file (default: a free one in the user's data dir)."),
+    announce_addr: list[str] = typer.Option([], "--announce-addr",
+                                            help="Multiaddr others can dial (a forwarded port); repeatable."),
     rebalance_period: float = typer.Option(config.REBALANCE_PERIOD_S, "--rebalance-period", min=0.0,
                                            help="Seconds between checks whether to move to weaker blocks (0: never)."),
     json_out: bool = typer.Option(False, "--json", help="Print the ready record as JSON on stdout."),
@@ -54,7 +56,8 @@ def join(
     opts = ServeOptions(model=model, blocks=parse_blocks(blocks), num_blocks=num_blocks, peers=split_peers(peers),
                         port=port, listen_host=host, device=device, dtype=dtype, public_name=public_name,
                         max_sessions=max_sessions, cache_tokens=cache_tokens, announce_period_s=announce_period,
-                        identity=identity, rebalance_period_s=rebalance_period, quant=quant)
+                        identity=identity, rebalance_period_s=rebalance_period, quant=quant,
+                        announce_addrs=announce_addr)
     with output.progress(True) as report:
         trio.run(serve, opts, _JoinEvents(report, json_out))
 
@@ -97,7 +100,9 @@ def bootstrap(
     host: str = typer.Option(config.DEFAULT_LISTEN_HOST, "--host",
                              help="Address to listen on (0.0.0.0 for other machines)."),
     peers: list[str] = typer.Option([], "--peers", envvar="LLMSWARM_PEERS", help="Other bootstrap peers."),
-    identity: str = typer.Option(None, "--identity", help="Key file (default: the user's data dir)."),
+    identity: str = typer.Option(None, "--identity", help="Key file (default: a free one in the user's data dir)."),
+    announce_addr: list[str] = typer.Option([], "--announce-addr",
+                                            help="Multiaddr others can dial (a forwarded port); repeatable."),
 ) -> None:
     """Run a node that only helps others meet; prints its multiaddr on the first line."""
     import trio
@@ -111,7 +116,8 @@ def bootstrap(
 
         async with trio.open_nursery() as nursery:
             addr = await nursery.start(lambda task_status: run_bootstrap(
-                port, identity, task_status, listen_host=host, peers=split_peers(peers)))
+                port, identity, task_status, listen_host=host, peers=split_peers(peers),
+                announce_addrs=announce_addr))
             output.console.print(addr, soft_wrap=True)
             output.err.print("bootstrap peer running: give the line above to `join` and `chat` as --peers; "
                              "Ctrl-C stops")

@@ -25,6 +25,13 @@ DEFAULT_LISTEN_HOST = "127.0.0.1"  # servers meant for other machines pass "0.0.
 IDENTITY_DIR_NAME = "llmswarm"
 IDENTITY_FILE_NAME = "identity.key"
 MAX_CONNECTIONS_PER_PEER = 1  # py-libp2p's swarm waits 250 ms (happy eyeballs) before each dial unless this is 1
+# Keys a machine's processes take in turn from the default folder (identity.key, identity-1.key, ...),
+# one per live process (node/identity.py): far above the servers one machine runs (one per GPU).
+MAX_DEFAULT_IDENTITIES = 64
+# Distinct peers (by IP) that must report the same observed address before we announce it: one
+# peer alone could lie to steer our traffic (py-libp2p's own activation threshold is 4, which a
+# small swarm never reaches).
+OBSERVED_ADDR_MIN_OBSERVERS = 2
 
 
 def default_identity_path() -> Path:
@@ -38,15 +45,25 @@ def default_identity_path() -> Path:
 # keepalive, so a hung peer (SIGSTOP) blocks reads and stream opens forever, and a listener that
 # accepts but never speaks holds a dial for 100 s despite its own negotiation timeout.
 # --------------------------------------------------------------------------------------------------
-DIAL_TIMEOUT_S = 5.0  # TCP connect + Noise + yamux negotiation of one dial
-STREAM_OPEN_TIMEOUT_S = 3.0  # new_stream incl. multistream protocol negotiation
+# Internet sizing: every bound below holds at 150 ms RTT with 2% loss. A TCP retransmission then
+# costs one RTO (>= 200 ms, ~350 ms at this RTT; a lost SYN 1 s), so a wait of N round trips gets N x
+# 150 ms plus ~1 s of slack for one or two losses. Measured on the WAN bed (bench/netbed.py): chats
+# at 25 ms one-way and 2% loss on every link finish with these defaults.
+DIAL_TIMEOUT_S = 5.0  # TCP connect + Noise + yamux negotiation of one dial: ~5 RTTs (0.75 s) + a lost SYN
+# One address among several (connect_any): a handshake is ~5 round trips (TCP, multistream, Noise
+# XX, yamux), 0.75 s at 150 ms RTT; 3 s also absorbs one lost SYN (retransmitted after 1 s). An
+# address that silently drops packets (a private address of another LAN) costs no more than this.
+DIAL_ADDR_TIMEOUT_S = 3.0
+# All the addresses of one peer together: a record with many dead addresses cannot stretch a chat.
+DIAL_ALL_TIMEOUT_S = 8.0
+STREAM_OPEN_TIMEOUT_S = 3.0  # new_stream incl. multistream negotiation: 1-2 RTTs (0.3 s) + two losses
 READ_TIMEOUT_S = 10.0  # default bound on receiving one whole frame
 WRITE_TIMEOUT_S = 10.0  # bound on sending one frame (a peer that stops reading blocks writes)
 REQUEST_TIMEOUT_S = 10.0  # one small request/response (records, ping)
 STEP_TIMEOUT_S = 30.0  # one inference step on a server, network included
 HANDLER_TIMEOUT_S = 60.0  # total life of one short request handler (not inference sessions)
-PING_TIMEOUT_S = 2.0  # one PING -> PONG round trip
-CLOSE_TIMEOUT_S = 1.0  # graceful close of a stream before it is reset instead
+PING_TIMEOUT_S = 2.0  # one PING -> PONG round trip: 1 RTT (0.15 s) + a few RTOs; slower is "unreachable"
+CLOSE_TIMEOUT_S = 1.0  # graceful close of a stream before it is reset instead (a reset is harmless)
 HOST_CLOSE_TIMEOUT_S = 3.0  # closing all connections and listeners of a host on exit
 SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no step for this long is closed by the server
 
@@ -92,6 +109,9 @@ DEFAULT_CACHE_BYTES = 256 * 1024**2  # ...what fits in this many bytes: the page
 MAX_STEP_TOKENS = 8192  # new tokens in one STEP (a prefill)
 STATUS_PERIOD_S = 1.0  # how often `join` refreshes its live status line
 NEXT_HOP_PING_COUNT = 3  # PINGs per next-hop server when measuring RTTs for our record
+# A server with a next hop not yet found or not reachable measures again after this long instead of a
+# whole announce period (30 s), so its record carries real server-to-server RTTs soon after it joins.
+NEXT_HOP_RETRY_S = 2.0
 CLIENT_PING_COUNT = 3  # PINGs per candidate server before a client routes
 COVERAGE_WAIT_S = 20.0  # how long `chat` waits for the swarm to cover every block
 BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each further failure
@@ -109,7 +129,7 @@ MAX_BATCH_SESSIONS = 64  # decode steps in one batch
 PAGE_TOKENS = 16
 # Relay: clients link each server to the next so hidden states go server to server (config, not a
 # protocol constant: `chat --no-relay` turns it off per session).
-LINK_TIMEOUT_S = 5.0  # dial + ATTACH of one next hop
+LINK_TIMEOUT_S = 5.0  # dial (all addresses) + ATTACH of one next hop: ~7 RTTs (1 s) + losses
 RELAY_PING_TIMEOUT_S = 2.0  # after a relayed step times out, how long each hop has to answer a ping
 MAX_RECOVERIES_PER_STEP = 4  # re-routes one step may attempt before the chat gives up with an error
 FAILOVER_WAIT_S = 30.0  # how long a chat waits for a route without its failed servers (or their return)

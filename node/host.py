@@ -10,12 +10,21 @@ py-libp2p 0.8.1 is young; this module wraps the traps listed in shared/reference
      is under trio.fail_after with a number from config;
   7. default security options accept /plaintext/2.0.0 -> Noise is the only security option;
   9. the 250 ms connect floor -> ConnectionConfig(max_connections_per_peer=1).
+Identity: `open_host` holds its key's lock (node/identity.py) for the host's life, so no two live
+processes share a peer id. Addresses: a wildcard listen address (0.0.0.0) is never announced; the
+host announces `--announce-addr` first, then its interface addresses, then the addresses peers
+observe (identify), loopback last (`_announce_factory`). `connect_any` tries every address of a peer
+in order under one overall deadline.
 Our own PING/PONG gives sub-millisecond RTTs (libp2p's ping reports whole milliseconds).
 """
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import logging
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -35,7 +44,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from llmswarm.node import config
 from llmswarm.node.errors import NodeError, PeerClosed, PeerError, RemoteError, WireError
-from llmswarm.node.identity import load_or_create_identity
+from llmswarm.node.identity import acquire_identity
 from llmswarm.node.wire.messages import Error, Ping, Pong
 from llmswarm.node.wire.stream import FramedStream
 
@@ -125,6 +134,31 @@ class Host:
                        slow=f"could not reach {addr} within {timeout_s:g} s: is the peer up and reachable?",
                        failed=f"could not connect to {addr}")
         return info.peer_id.to_base58()
+
+    async def connect_any(self, peer_id: str, addrs: list[str], *,
+                          deadline_s: float = config.DIAL_ALL_TIMEOUT_S) -> str:
+        """Connect to `peer_id` through the first of `addrs` that answers, tried in order, each dial
+        bounded by DIAL_ADDR_TIMEOUT_S and all of them together by `deadline_s`. Addresses may be
+        full (…/p2p/<id>, which must name `peer_id`) or bare; wildcards are skipped. A peer already
+        connected costs nothing. PeerError naming the peer and the last failure otherwise."""
+        if peer_id in self.connected_peers():
+            return peer_id
+        candidates = dialable_addrs(peer_id, addrs)
+        if not candidates:
+            raise PeerError(f"peer {peer_id[-8:]} announces no address we can dial ({len(addrs)} given)")
+        errors: list[str] = []
+        end = time.monotonic() + deadline_s
+        for addr in candidates:
+            left = end - time.monotonic()
+            if left <= 0:
+                errors.append(f"{len(candidates) - len(errors)} address(es) not tried in {deadline_s:g} s")
+                break
+            try:
+                return await self.connect(addr, timeout_s=min(config.DIAL_ADDR_TIMEOUT_S, left))
+            except PeerError as e:
+                errors.append(str(e))
+        raise PeerError(f"could not reach peer {peer_id[-8:]} at any of its {len(candidates)} address(es): "
+                        f"{errors[-1] if errors else 'no time left'}")
 
     async def disconnect(self, peer_id: str) -> None:
         """Drop every connection to a peer (bounded, never raises): a peer that died and came back
@@ -236,22 +270,31 @@ async def open_host(
     listen_host: str = config.DEFAULT_LISTEN_HOST,
     *,
     key_pair: KeyPair | None = None,
+    announce_addrs: list[str] | None = None,
 ) -> AsyncIterator[Host]:
-    """Run one host listening on TCP `listen_host:port` (0 = any free port) until the block exits."""
-    if key_pair is None:
-        key_pair = load_or_create_identity(identity_path)
+    """Run one host listening on TCP `listen_host:port` (0 = any free port) until the block exits.
+
+    The identity is `key_pair` if given, else the key at `identity_path` (default: the first free
+    key of the default folder), locked for the host's life. `announce_addrs`: multiaddrs (a
+    forwarded port, a public name) announced before the ones the host finds itself."""
     try:
         listen = multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{int(port)}")
     except Exception as e:
         raise NodeError(f"bad listen address {listen_host}:{port}: {e}") from None
-    raw = new_host(
-        key_pair=key_pair,
-        sec_opt=_security_options(key_pair),
-        muxer_opt=create_yamux_muxer_option(),
-        listen_addrs=[listen],
-        connection_config=ConnectionConfig(max_connections_per_peer=config.MAX_CONNECTIONS_PER_PEER),
-    )
+    extra = [_parse_announce_addr(a) for a in announce_addrs or []]
     async with AsyncExitStack() as stack:
+        if key_pair is None:
+            key_pair = stack.enter_context(acquire_identity(identity_path)).key_pair
+        box: dict[str, Any] = {}  # new_host may call the factory before it returns
+        raw = new_host(
+            key_pair=key_pair,
+            sec_opt=_security_options(key_pair),
+            muxer_opt=create_yamux_muxer_option(),
+            listen_addrs=[listen],
+            connection_config=ConnectionConfig(max_connections_per_peer=config.MAX_CONNECTIONS_PER_PEER),
+            addrs_factory=lambda candidates: _announce_factory(box.get("raw"), candidates, extra),
+        )
+        box["raw"] = raw
         try:
             await stack.enter_async_context(raw.run(listen_addrs=[listen]))
         except OSError as e:
@@ -260,6 +303,109 @@ async def open_host(
         host = Host(raw, key_pair)
         host.set_handler(config.PROTOCOL_PING, _ping_handler)
         yield host
+
+
+# -- addresses ---------------------------------------------------------------------------------------
+_WILDCARDS = {"0.0.0.0", "::"}
+_SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
+
+
+def interface_ipv4s() -> list[str]:
+    """This machine's IPv4 addresses, one per interface that has one: routable ones first,
+    link-local after them, loopback last."""
+    found: list[str] = []
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                found.append(socket.inet_ntoa(fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)[20:24]))
+            except OSError:  # no IPv4 address on this interface
+                continue
+    if not found:
+        found = ["127.0.0.1"]
+
+    def rank(ip: str) -> int:
+        a = ipaddress.ip_address(ip)
+        return 2 if a.is_loopback else 1 if a.is_link_local else 0
+
+    return sorted(dict.fromkeys(found), key=rank)  # sorted() is stable: interface order within a rank
+
+
+def _ip_and_port(addr: multiaddr.Multiaddr) -> tuple[str | None, str | None]:
+    parts = str(addr).split("/")
+    ip = parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") else None
+    port = parts[4] if len(parts) > 4 and parts[3] == "tcp" else None
+    return ip, port
+
+
+def _announce_factory(raw: Any, candidates: list[multiaddr.Multiaddr],
+                      extra: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """What the host announces (libp2p's AddrsFactory): `extra` (--announce-addr), then each listen
+    address with a wildcard IP replaced by every interface address (loopback held back to the end),
+    then the IPs peers observe us at (identify, confirmed by OBSERVED_ADDR_MIN_OBSERVERS distinct
+    peers) on our listen port, then loopback. Never a wildcard."""
+    out: list[str] = [str(a) for a in extra]
+    late: list[str] = []
+    ports: list[str] = []
+    for addr in candidates:
+        ip, port = _ip_and_port(addr)
+        if ip is None or port is None:
+            continue
+        ports.append(port)
+        if ip in _WILDCARDS:
+            for iface in interface_ipv4s():
+                (late if ipaddress.ip_address(iface).is_loopback else out).append(f"/ip4/{iface}/tcp/{port}")
+        elif ipaddress.ip_address(ip).is_loopback:
+            late.append(str(addr))
+        else:
+            out.append(str(addr))
+    manager = getattr(raw, "_observed_addr_manager", None)
+    if manager is not None and ports:
+        try:
+            observed = manager.addrs(min_observers=config.OBSERVED_ADDR_MIN_OBSERVERS)
+        except Exception:  # noqa: BLE001 - a py-libp2p internal: no observed addresses then
+            observed = []
+        for addr in observed:
+            ip, _ = _ip_and_port(addr)
+            if ip and ip not in _WILDCARDS and str(addr).startswith("/ip4/"):
+                out.append(f"/ip4/{ip}/tcp/{ports[0]}")  # a NAT maps our dials, not our listener:
+                # the observed IP with the port we listen on is what a forwarded port would be
+    return [multiaddr.Multiaddr(a) for a in dict.fromkeys([*out, *late])]
+
+
+def _parse_announce_addr(addr: str) -> multiaddr.Multiaddr:
+    try:
+        ma = multiaddr.Multiaddr(addr)
+    except Exception as e:
+        raise NodeError(f"bad --announce-addr {addr!r} ({e}); expected e.g. /ip4/203.0.113.7/tcp/31330") from None
+    ip, port = _ip_and_port(ma)
+    if ip in _WILDCARDS or port is None and not str(ma).startswith("/dns"):
+        raise NodeError(f"--announce-addr {addr} must name a dialable host and TCP port "
+                        "(e.g. /ip4/203.0.113.7/tcp/31330), not a wildcard")
+    return ma
+
+
+def dialable_addrs(peer_id: str, addrs: list[str]) -> list[str]:
+    """Full multiaddrs for `peer_id` from a record's or a LINK's addresses, in order, without
+    duplicates, wildcards, or addresses that name another peer."""
+    out: list[str] = []
+    for a in addrs:
+        if not isinstance(a, str) or not a:
+            continue
+        if "/p2p/" in a:
+            if not a.endswith(f"/p2p/{peer_id}"):
+                continue
+            full = a
+        else:
+            full = f"{a}/p2p/{peer_id}"
+        if full.split("/")[2:3] and full.split("/")[2] in _WILDCARDS:
+            continue
+        out.append(full)
+    return list(dict.fromkeys(out))[: config.MAX_RECORD_ADDRS]
 
 
 async def _close_network(raw: Any) -> None:

@@ -56,16 +56,15 @@ async def measure_rtts(host: Host, peer_ids: list[str], count: int = config.CLIE
 
 
 async def dial_records(host: Host, records: list[ServerRecord]) -> None:
-    """Connect to every server we have no connection to yet (their addresses are in the records)."""
+    """Connect to every server we have no connection to yet, concurrently: each through the first of
+    its record's addresses that answers, under one overall deadline per server (Host.connect_any)."""
     connected = set(host.connected_peers())
 
     async def one(r: ServerRecord) -> None:
-        for addr in r.addrs:
-            try:
-                await host.connect(addr)
-                return
-            except PeerError:
-                continue
+        try:
+            await host.connect_any(r.peer_id, r.addrs)
+        except PeerError:
+            pass  # left out of the snapshot: it cannot be pinged either
 
     async with trio.open_nursery() as nursery:
         for r in records:

@@ -44,6 +44,7 @@ class ServeOptions:
     peers: list[str] = field(default_factory=list)
     port: int = 0
     listen_host: str = config.DEFAULT_LISTEN_HOST
+    announce_addrs: list[str] = field(default_factory=list)  # announced first (a forwarded port)
     device: str = "cpu"
     dtype: str | None = None
     public_name: str = ""
@@ -123,7 +124,8 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     joined_at = time.monotonic()
-    async with open_host(opts.identity, port=opts.port, listen_host=opts.listen_host) as host:
+    async with open_host(opts.identity, port=opts.port, listen_host=opts.listen_host,
+                         announce_addrs=opts.announce_addrs) as host:
         async with open_directory(host, opts.peers, [spec.name]) as directory:
             folder = await in_passing_thread(lambda: locate(spec, events.progress, _want_for(opts)))
             ckpt = Checkpoint.open(folder)
@@ -227,13 +229,16 @@ async def _measure_next_hops(host: Host, directory: Directory, state: _State, pe
         rtts = {}
         for r in targets[: config.MAX_RECORD_NEXT_RTTS]:
             try:
-                if r.peer_id not in host.connected_peers():
-                    await host.connect(r.addrs[0])
+                await host.connect_any(r.peer_id, r.addrs)
                 rtts[r.peer_id] = statistics.median(await host.ping(r.peer_id, config.NEXT_HOP_PING_COUNT))
-            except (PeerError, IndexError):
+            except PeerError:
                 continue
         state.next_rtts = rtts
-        await trio.sleep(min(period_s, 10.0) if not rtts and targets else period_s)
+        # A server that finds no next hop yet (it joined first, or the next one is still loading), or
+        # cannot reach one, looks again soon: until it publishes these RTTs, routes through it are
+        # priced with guesses. Once every next hop is measured, once per announce period is enough.
+        complete = bool(targets) and len(rtts) == len(targets[: config.MAX_RECORD_NEXT_RTTS])
+        await trio.sleep(period_s if complete else min(period_s, config.NEXT_HOP_RETRY_S))
 
 
 async def _rebalance_forever(host: Host, directory: Directory, state: _State, ckpt: Checkpoint,

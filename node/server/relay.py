@@ -53,16 +53,7 @@ async def _attach(server: SpanServer, nxt: NextHop) -> FramedStream:
     host = server.host
     assert host is not None
     with trio.move_on_after(config.LINK_TIMEOUT_S) as scope:
-        if nxt.peer_id not in host.connected_peers():
-            error: PeerError | None = None
-            for addr in nxt.addrs:
-                try:
-                    await host.connect(addr if "/p2p/" in addr else f"{addr}/p2p/{nxt.peer_id}")
-                    break
-                except (PeerError, ValueError) as e:
-                    error = PeerError(str(e))
-            else:
-                raise error or PeerError("next server has no address")
+        await host.connect_any(nxt.peer_id, list(nxt.addrs), deadline_s=config.LINK_TIMEOUT_S)
         stream = await host.open_stream(nxt.peer_id, config.PROTOCOL_INFERENCE)
     if scope.cancelled_caught:
         raise PeerError(f"could not reach the next server within {config.LINK_TIMEOUT_S:g} s")
