@@ -61,10 +61,10 @@ def _register() -> None:
 
 def _exit_code(exc: BaseException) -> int | None:
     from llmswarm.models.errors import LengthError, ModelError
-    from llmswarm.node.errors import NodeError
+    from llmswarm.node.errors import NodeError, UsageError
     from llmswarm.routing.errors import RoutingError
 
-    if isinstance(exc, LengthError):
+    if isinstance(exc, LengthError | UsageError):
         return EXIT_USAGE
     if isinstance(exc, ModelError):
         return EXIT_MODEL

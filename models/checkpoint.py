@@ -94,12 +94,21 @@ class Checkpoint:
         out: dict[str, torch.Tensor] = {}
         done = 0
         for filename, file_names in sorted(by_file.items()):
-            with safe_open(str(self.folder / filename), framework="pt", device="cpu") as f:
-                for name in file_names:
-                    t = f.get_tensor(self.key(name))
-                    out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                    done += 1
-                    progress(task, done, len(names))
+            path = self.folder / filename
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in file_names:
+                        t = f.get_tensor(self.key(name))
+                        out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                        done += 1
+                        progress(task, done, len(names))
+            except FileNotFoundError:
+                raise CheckpointError(f"shard {path} is missing: download or convert the model again") from None
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"shard {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is "
+                                      "corrupt or truncated; download or convert the model again") from None
         return out
 
 
@@ -112,8 +121,12 @@ def _weight_map(folder: Path) -> dict[str, str]:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
     single = folder / SINGLE_FILE
     if single.exists():
-        with safe_open(str(single), framework="pt") as f:
-            return {k: SINGLE_FILE for k in f.keys()}
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {k: SINGLE_FILE for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise CheckpointError(f"{single} cannot be read ({type(e).__name__}): it is corrupt or truncated; "
+                                  "download or convert the model again") from None
     raise CheckpointError(
         f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: llmswarm reads safetensors checkpoints (or a .gguf file)"
     )

@@ -42,6 +42,10 @@ class NodeError(Exception):
     """Base of every error of llmswarm.node that a user can act on."""
 
 
+class UsageError(NodeError):
+    """Options that cannot work together or with this model (exit code 2, like a bad flag)."""
+
+
 class WireError(NodeError):
     """A frame that is malformed, oversized, of an unknown version or type, or fails validation."""
 

@@ -20,6 +20,7 @@ Our own PING/PONG gives sub-millisecond RTTs (libp2p's ping reports whole millis
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -68,7 +69,7 @@ def _security_options(key_pair: KeyPair) -> dict[TProtocol, Any]:
     return {TProtocol(NOISE_PROTOCOL_ID): noise}
 
 
-def _parse_peer_addr(addr: str) -> Any:
+def parse_peer_addr(addr: str) -> Any:
     try:
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
     except Exception as e:
@@ -122,7 +123,7 @@ class Host:
 
     async def connect(self, addr: str, *, timeout_s: float = config.DIAL_TIMEOUT_S) -> str:
         """Dial a full multiaddr (…/p2p/<id>); returns the peer id. PeerError on failure."""
-        info = _parse_peer_addr(addr)
+        info = parse_peer_addr(addr)
         if info.peer_id == self.libp2p.get_id():
             raise PeerError(f"{addr} is this node itself")
         self._forget_failed_dial(info.peer_id)
@@ -282,6 +283,7 @@ async def open_host(
     except Exception as e:
         raise NodeError(f"bad listen address {listen_host}:{port}: {e}") from None
     extra = [_parse_announce_addr(a) for a in announce_addrs or []]
+    _check_bindable(listen_host, int(port))
     async with AsyncExitStack() as stack:
         if key_pair is None:
             key_pair = stack.enter_context(acquire_identity(identity_path)).key_pair
@@ -303,6 +305,24 @@ async def open_host(
         host = Host(raw, key_pair)
         host.set_handler(config.PROTOCOL_PING, _ping_handler)
         yield host
+
+
+def _check_bindable(listen_host: str, port: int) -> None:
+    """Bind the address ourselves first, without SO_REUSEPORT: py-libp2p's listener would otherwise
+    share a port another process holds (two listeners, dials split between them) and report an
+    address this machine does not have as a crash deep in its start-up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse a port in TIME_WAIT
+        try:
+            s.bind((listen_host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise NodeError(f"port {port} on {listen_host} is already in use: pick another --port "
+                                "(0 picks a free one) or stop the process holding it") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise NodeError(f"{listen_host} is not an address of this machine: use one of its own addresses, "
+                                "or 0.0.0.0 for all of them") from None
+            raise NodeError(f"cannot listen on {listen_host}:{port}: {e.strerror or e}") from None
 
 
 # -- addresses ---------------------------------------------------------------------------------------

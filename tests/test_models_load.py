@@ -100,3 +100,41 @@ def test_hub_unreachable_fails_fast(monkeypatch, tmp_path):
     with pytest.raises(CheckpointError, match="cannot reach the Hugging Face hub|not found"):
         download_from_hub("bigscience/bloom-560m")
     assert time.monotonic() - started < 60
+
+
+def _copy_linked(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_shard_is_a_checkpoint_error(tiny_llama, tmp_path, damage):
+    folder = _copy_linked(tiny_llama, tmp_path / "model")
+    ckpt = Checkpoint.open(folder)
+    shard = folder / ckpt.weight_map["model.layers.0.self_attn.q_proj.weight"]
+    data = shard.read_bytes()
+    shard.unlink()
+    if damage == "truncated":
+        shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="missing" if damage == "missing" else "corrupt or truncated"):
+        load_span(ckpt, 0, 2, torch.float32)
+
+
+def test_chat_local_on_a_corrupt_shard_exits_3(smollm2, tmp_path):
+    """What a person sees: one line and exit code 3, not "unexpected SafetensorError"."""
+    import subprocess
+
+    from llmswarm.bench.local_swarm import llmswarm_command
+
+    folder = _copy_linked(smollm2, tmp_path / "model")
+    shard = folder / Checkpoint.open(folder).weight_map["model.embed_tokens.weight"]
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(data[:4096])
+    out = subprocess.run(llmswarm_command("chat", "--local", "--model", str(folder), "-p", "hi", "-n", "2"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "corrupt or truncated" in lines[0] and "unexpected" not in lines[0]

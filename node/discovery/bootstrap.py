@@ -26,6 +26,6 @@ async def run_bootstrap(
     The reported address is the first one the host announces: with a wildcard listen address, an
     interface address (never 0.0.0.0), or the first `announce_addrs`."""
     async with open_host(identity_path, port=port, listen_host=listen_host, announce_addrs=announce_addrs) as host:
-        async with open_directory(host, peers or [], models=None):
+        async with open_directory(host, peers or [], models=None, require_reachable=False):
             task_status.started(host.addrs[0])
             await trio.sleep_forever()

@@ -61,6 +61,7 @@ class Directory:
         self._nursery: trio.Nursery | None = None
         self._subscribed: set[str] = set()
         self._bootstrap_ids: dict[str, str] = {}  # addr -> peer id once dialed
+        self.unreachable: dict[str, str] = {}  # bootstrap addr -> why its last snapshot pull failed
 
     # -- reading -----------------------------------------------------------------------------------
     def records(self, model: str | None = None) -> list[ServerRecord]:
@@ -89,7 +90,9 @@ class Directory:
         async def pull(addr: str) -> None:
             try:
                 counts.append(await self._pull_one(addr, timeout_s))
-            except NodeError as e:
+                self.unreachable.pop(addr, None)
+            except (NodeError, trio.TooSlowError) as e:
+                self.unreachable[addr] = str(e) or "no answer in time"
                 log.info("snapshot from %s failed: %s", addr, e)
 
         async with trio.open_nursery() as nursery:
@@ -242,25 +245,39 @@ async def open_directory(
     *,
     gossip: bool = True,
     snapshot_period_s: float = config.SNAPSHOT_PULL_PERIOD_S,
+    require_reachable: bool = True,
 ) -> AsyncIterator[Directory]:
     """Serve and follow the directory on `host`. `models=None` follows every model (bootstrap
     peers); clients and servers pass the model(s) they use. The first snapshot pull is done
-    before the block starts (failures are logged: `refresh()` again, or wait for the next pull)."""
+    before the block starts: when no bootstrap peer answers it, that is a PeerError naming them
+    (unless `require_reachable` is false, as for a bootstrap peer's optional replicas); later
+    failures are logged and retried."""
     from libp2p.tools.anyio_service import background_trio_service
 
     d = Directory(host, bootstrap_addrs, models)
     host.set_handler(config.PROTOCOL_RECORDS, d.handle_records)
+    # py-libp2p's service context (gossipsub) swallows an exception that passes through it: the
+    # caller's error is carried out past it and raised here, or `join --blocks 0:999` exits 0.
+    error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         d._nursery = nursery
         async with _maybe_gossip(d, gossip, background_trio_service):
             for model in d.models or []:
                 await d._subscribe(model)
             await d.refresh()
+            if require_reachable and d.bootstrap_addrs and len(d.unreachable) == len(d.bootstrap_addrs):
+                why = "; ".join(f"{a}: {e}" for a, e in d.unreachable.items())
+                raise PeerError(f"could not reach any bootstrap peer ({why}): check --peers against the line "
+                                "`llmswarm bootstrap` printed, and that it is still running")
             nursery.start_soon(d._pull_forever, snapshot_period_s)
             try:
                 yield d
+            except BaseException as e:  # noqa: BLE001 - re-raised below, outside the service
+                error = e
             finally:
                 nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
 
 
 @asynccontextmanager

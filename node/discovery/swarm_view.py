@@ -8,15 +8,21 @@ import trio
 from llmswarm.node import config
 from llmswarm.node.discovery.directory import is_live
 from llmswarm.node.discovery.records import ServerRecord
-from llmswarm.node.errors import NodeError, PeerError
-from llmswarm.node.host import Host
+from llmswarm.node.errors import NodeError, PeerError, UsageError
+from llmswarm.node.host import Host, parse_peer_addr
 from llmswarm.routing import ServerInfo, Snapshot
 
 
 def require_peers(peers: list[str]) -> None:
+    """At least one --peers address, and every one of them well-formed (named when it is not)."""
     if not peers:
         raise NodeError("no peers to join: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) "
                         "or set LLMSWARM_PEERS")
+    for addr in peers:
+        try:
+            parse_peer_addr(addr)
+        except PeerError as e:
+            raise UsageError(f"--peers: {e}") from None
 
 
 def live_records(records: list[ServerRecord], model: str) -> list[ServerRecord]:

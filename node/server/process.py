@@ -29,7 +29,7 @@ from llmswarm.node import config
 from llmswarm.node.discovery.directory import Directory, announce_forever, open_directory
 from llmswarm.node.discovery.records import ServerRecord, sign_record
 from llmswarm.node.discovery.swarm_view import live_records
-from llmswarm.node.errors import NodeError, PeerError
+from llmswarm.node.errors import NodeError, PeerError, UsageError
 from llmswarm.node.host import Host, open_host
 from llmswarm.node.server.health import HealthCollector
 from llmswarm.node.server.span_server import SpanServer
@@ -210,11 +210,11 @@ def _pick_span(opts: ServeOptions, ckpt: Checkpoint, directory: Directory, model
     if opts.blocks is not None:
         start, end = opts.blocks
         if not 0 <= start < end <= total:
-            raise NodeError(f"--blocks {start}:{end} is outside {model}'s blocks 0:{total}")
+            raise UsageError(f"--blocks {start}:{end} is outside {model}'s blocks 0:{total}")
         return start, end
     n = opts.num_blocks or planned or total
     if not 0 < n <= total:
-        raise NodeError(f"--num-blocks {n} must be between 1 and {total} for {model}")
+        raise UsageError(f"--num-blocks {n} must be between 1 and {total} for {model}")
     spans = [(r.start, r.end, r.throughput) for r in live_records(directory.records(model), model)]
     start = choose_start(total, n, spans)
     return start, start + n
