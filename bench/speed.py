@@ -156,8 +156,9 @@ def _client_parts(spec: Any, dtype: torch.dtype, progress: Callable[..., None]) 
 
 
 def _server_args(sessions: int, max_length: int) -> tuple[str, ...]:
-    """Raise the server's limits only when the bench needs more than its defaults allow."""
-    args: tuple[str, ...] = ()
+    """Raise the server's limits only when the bench needs more than its defaults allow (its one client
+    may take the whole server: a fair share is for servers with many clients)."""
+    args: tuple[str, ...] = ("--peer-share", "1") if sessions > 1 else ()
     if sessions > config.DEFAULT_MAX_SESSIONS:
         args += ("--max-sessions", str(sessions))
     if sessions * max_length > config.DEFAULT_CACHE_TOKENS:

@@ -27,6 +27,8 @@ def join(
     quant: str = typer.Option("none", "--quant", help="none | int8 | nf4: store the span's weights quantised "
                                                       "(bitsandbytes; nf4 needs a GPU)."),
     public_name: str = typer.Option("", "--public-name", help="Name shown to others in routes and status."),
+    peer_share: float = typer.Option(config.PEER_SHARE, "--peer-share", min=0.01, max=1.0,
+                                     help="Most of the sessions and KV cache one client may hold (1: all)."),
     max_sessions: int = typer.Option(config.DEFAULT_MAX_SESSIONS, "--max-sessions", min=1,
                                      help="Concurrent sessions admitted."),
     cache_tokens: int | None = typer.Option(None, "--cache-tokens", min=16,
@@ -55,7 +57,8 @@ def join(
     quiet_libp2p_logging()
     opts = ServeOptions(model=model, blocks=parse_blocks(blocks), num_blocks=num_blocks, peers=split_peers(peers),
                         port=port, listen_host=host, device=device, dtype=dtype, public_name=public_name,
-                        max_sessions=max_sessions, cache_tokens=cache_tokens, announce_period_s=announce_period,
+                        max_sessions=max_sessions, peer_share=peer_share, cache_tokens=cache_tokens,
+                        announce_period_s=announce_period,
                         identity=identity, rebalance_period_s=rebalance_period, quant=quant,
                         announce_addrs=announce_addr)
     with output.progress(True) as report:

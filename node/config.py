@@ -66,6 +66,16 @@ PING_TIMEOUT_S = 2.0  # one PING -> PONG round trip: 1 RTT (0.15 s) + a few RTOs
 CLOSE_TIMEOUT_S = 1.0  # graceful close of a stream before it is reset instead (a reset is harmless)
 HOST_CLOSE_TIMEOUT_S = 3.0  # closing all connections and listeners of a host on exit
 SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no step for this long is closed by the server
+SESSION_FIRST_STEP_S = 30.0  # a session that has not stepped this long after OPEN is closed (slot hoarding)
+# A frame that has begun must end within FRAME_TIMEOUT_S plus its body at MIN_FRAME_BYTES_PER_S: a
+# peer cannot hold a half-sent frame, and the buffer it fills, open (a prefill of 2048 tokens of a
+# 14336-wide model, 117 MB, has 10 + 117 s at the slowest rate we wait for).
+FRAME_TIMEOUT_S = 10.0
+MIN_FRAME_BYTES_PER_S = 1_000_000
+# A client peer's fair share of one server: at most this fraction of its sessions and of its KV-cache
+# pages (at least one session), so one client, however abusive, leaves the rest to everyone else.
+# `join --peer-share 1` lets one client (an API front-end, a benchmark) take the whole server.
+PEER_SHARE = 0.5
 
 # --------------------------------------------------------------------------------------------------
 # Wire format (node/wire.py)
@@ -91,6 +101,12 @@ MAX_RECORD_NEXT_RTTS = 256
 MAX_RECORD_HEALTH_BYTES = 4096  # canonical JSON of the free-form health dict
 MAX_RECORDS_PER_MODEL = 10_000  # RecordStore bound per model (memory safety against floods)
 MAX_RECORD_BLOCKS = 100_000  # num_blocks upper bound a record may claim
+# Figures no real server reaches (an H100 decodes a small model's block ~1e4 times a second): a record
+# claiming more is refused, so one liar cannot pull every route to itself with 1e12 tokens/s.
+MAX_RECORD_RATE = 1e6  # inference_rps, prefill_tps, throughput
+MAX_RECORD_RTT_S = 60.0  # a next-hop RTT in a record
+MAX_MODELS_PER_PEER = 8  # distinct models one key may announce at once (one host, a few spans)
+MAX_FOLLOWED_MODELS = 1024  # gossip topics a bootstrap peer follows (one per model it has records of)
 SNAPSHOT_PULL_PERIOD_S = 30.0  # directory re-pulls snapshots from bootstrap peers this often
 BOOTSTRAP_RECONNECT_PERIOD_S = 10.0  # directory re-dials lost bootstrap peers this often
 GOSSIP_TOPIC_PREFIX = "llmswarm/records/1/"  # one topic per model: prefix + model name

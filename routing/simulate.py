@@ -31,6 +31,12 @@ FULL_CACHE_SHARE = 0.05  # servers whose KV cache is full: they must never be ch
 MEASURED_NEXT = 3  # RTTs each server measured to servers holding the block where its span ends
 
 
+# Bounds of a simulated swarm: well past any real one (petals' public swarm ~ 100 servers, BLOOM-176B
+# 70 blocks), and small enough that the chain graph (servers x servers edges at worst) fits in memory.
+MAX_SIMULATED_SERVERS = 20_000
+MAX_SIMULATED_BLOCKS = 1_000
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'500x80' -> (500, 80)."""
     try:
@@ -39,6 +45,9 @@ def parse_size(text: str) -> tuple[int, int]:
         raise RoutingError(f"--simulate wants SERVERSxBLOCKS like 500x80, got {text!r}") from None
     if servers < 1 or blocks < 1:
         raise RoutingError(f"--simulate needs at least 1 server and 1 block, got {text!r}")
+    if servers > MAX_SIMULATED_SERVERS or blocks > MAX_SIMULATED_BLOCKS:
+        raise RoutingError(f"--simulate {text}: at most {MAX_SIMULATED_SERVERS} servers and {MAX_SIMULATED_BLOCKS} "
+                           "blocks")
     return servers, blocks
 
 

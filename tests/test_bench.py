@@ -33,9 +33,10 @@ def test_bench_server_on_a_tiny_model(tiny_llama):
 
 
 def test_server_limits_are_raised_only_when_needed():
-    assert _server_args(16, 64) == ()
+    assert _server_args(1, 64) == ()
+    assert _server_args(16, 64) == ("--peer-share", "1")  # the bench's one client may take the whole server
     args = _server_args(config.DEFAULT_MAX_SESSIONS + 1, config.DEFAULT_CACHE_TOKENS)
-    assert args[:2] == ("--max-sessions", str(config.DEFAULT_MAX_SESSIONS + 1)) and "--cache-tokens" in args
+    assert args[2:4] == ("--max-sessions", str(config.DEFAULT_MAX_SESSIONS + 1)) and "--cache-tokens" in args
 
 
 def test_bench_server_bad_sessions_is_a_usage_error():

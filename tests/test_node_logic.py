@@ -17,7 +17,7 @@ from llmswarm.node.client.session import open_session
 from llmswarm.node.errors import ErrorCode, PeerError, RemoteError
 from llmswarm.node.server.scheduler import Job, Scheduler
 from llmswarm.node.server.span_server import SpanServer
-from llmswarm.node.wire.codec import MsgType
+from llmswarm.node.wire.codec import PREFIX, MsgType, encode_frame
 from llmswarm.node.wire.messages import Close, Error, Open, Opened, Output, Step
 from llmswarm.node.wire.stream import FramedStream
 from llmswarm.routing import Hop
@@ -55,9 +55,9 @@ class MemoryStream:
 class FakeHost:
     """Opens streams straight into in-process SpanServers; `down` servers refuse like a dead peer."""
 
-    def __init__(self, nursery: trio.Nursery, servers: dict[str, SpanServer]) -> None:
+    def __init__(self, nursery: trio.Nursery, servers: dict[str, SpanServer], peer_id: str = "client") -> None:
         self.nursery, self.servers, self.down = nursery, servers, set()
-        self.peer_id = "client"
+        self.peer_id = peer_id
 
     async def open_stream(self, peer_id: str, protocol: str) -> FramedStream:
         if peer_id in self.down:
@@ -260,3 +260,78 @@ def test_failed_open_fails_over_to_another_server(span):
         assert tried == [["a"]]
 
     _run(fn, servers)
+
+
+def test_one_client_gets_its_share_and_another_client_the_rest(span):
+    """A client may hold half the sessions and half the cache pages of a server (the default share):
+    past that it is refused, and a second client is served as if the first were not there."""
+    server = SpanServer(MODEL, span, cache_tokens=128, max_sessions=4)  # 8 pages of 16, 2 sessions each
+
+    async def fn(host):
+        other = FakeHost(host.nursery, host.servers, peer_id="other")
+
+        async def open_(h):
+            stream = await h.open_stream("s", config.PROTOCOL_INFERENCE)
+            Opened.from_frame(await stream.request(Open(MODEL, 0, 6, 128).to_frame()))
+            return stream
+
+        hog = [await open_(host), await open_(host)]
+        with pytest.raises(RemoteError, match="your share") as err:
+            await open_(host)
+        assert err.value.code is ErrorCode.BUSY
+        await hog[0].send(Step(1, 0, torch.randn(1, 64, 64)).to_frame())  # 4 pages: the hog's whole share
+        Output.from_frame(await hog[0].recv(), 64, 64)
+        await hog[1].send(Step(2, 0, torch.randn(1, 1, 64)).to_frame())  # a 5th page: past the share
+        err = Error.from_frame(await hog[1].recv())
+        assert err.code is ErrorCode.CACHE_FULL and "your share of 4" in err.message
+        mine = [await open_(other), await open_(other)]  # the other client still gets its half
+        for i, stream in enumerate(mine):
+            await stream.send(Step(i, 0, torch.randn(1, 32, 64)).to_frame())
+            assert Output.from_frame(await stream.recv(), 64, 32).seq == i
+        assert server.cache_tokens_left == 0
+
+    _run(fn, {"s": server})
+
+
+def test_session_that_never_steps_is_closed_after_its_grace(span):
+    server = SpanServer(MODEL, span, cache_tokens=128, max_sessions=2, peer_share=1.0)
+
+    async def fn(host):
+        for _ in range(2):  # hoard every slot, never step
+            stream = await host.open_stream("s", config.PROTOCOL_INFERENCE)
+            Opened.from_frame(await stream.request(Open(MODEL, 0, 6, 32).to_frame()))
+        assert server.stats.sessions == 2
+        await trio.sleep(config.SESSION_FIRST_STEP_S + 2)
+        assert server.stats.sessions == 0 and server.sessions == {}
+
+    _run(fn, {"s": server})
+
+
+def test_half_sent_frame_is_dropped_at_its_deadline(span):
+    """A STEP whose body never finishes arriving does not hold the session (or its buffer) forever."""
+    server = SpanServer(MODEL, span, cache_tokens=128)
+
+    async def fn(host):
+        stream = await host.open_stream("s", config.PROTOCOL_INFERENCE)
+        Opened.from_frame(await stream.request(Open(MODEL, 0, 6, 32).to_frame()))
+        data = encode_frame(Step(1, 0, torch.randn(1, 8, 64)).to_frame())
+        await stream.stream.write(data[:-1])  # one byte short, then silence
+        await trio.sleep(config.FRAME_TIMEOUT_S + 1)
+        assert server.sessions == {}  # the server gave up on the frame and closed the session
+
+    _run(fn, {"s": server})
+
+
+def test_step_body_larger_than_the_session_could_need_is_refused_unread(span):
+    server = SpanServer(MODEL, span, cache_tokens=128)
+
+    async def fn(host):
+        stream = await host.open_stream("s", config.PROTOCOL_INFERENCE)
+        Opened.from_frame(await stream.request(Open(MODEL, 0, 6, 32).to_frame()))
+        prefix = PREFIX.pack(b"LS", config.WIRE_VERSION, int(MsgType.STEP), 0, 200 * 1024 * 1024)
+        await stream.stream.write(prefix)  # announces 200 MiB; a 32-token session needs 8 KiB at most
+        with pytest.raises(RemoteError, match="exceeds this stream's limit of 8192") as err:
+            Error.raise_if(await stream.recv())
+        assert err.value.code is ErrorCode.BAD_REQUEST
+
+    _run(fn, {"s": server})

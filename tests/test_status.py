@@ -39,17 +39,20 @@ def test_health_on_cuda_without_nvml_gpu_never_crashes():
 
 
 def _rec(name: str, start: int, end: int, **kw) -> ServerRecord:
-    return ServerRecord(peer_id=f"peer-{name}", model=MODEL, num_blocks=30, start=start, end=end, addrs=[],
+    kw = {"num_blocks": 30, "inference_rps": 5.0, **kw}
+    return ServerRecord(peer_id=f"peer-{name}", model=MODEL, start=start, end=end, addrs=[],
                         public_name=name, throughput=2.0, expires_at=time.time() + 60, **kw)
 
 
 def test_build_status_coverage_and_gaps():
-    snap = build_status([_rec("a", 0, 10), _rec("b", 5, 20), _rec("c", 20, 30, state="offline")],
+    poison = [_rec("d", 0, 31, num_blocks=31), _rec("e", 20, 30, inference_rps=0.0)]  # valid signatures, bad sense
+    snap = build_status([_rec("a", 0, 10), _rec("b", 5, 20), _rec("c", 20, 30, state="offline"), *poison],
                         {"peer-a": 0.001})
     (m,) = snap["models"]
     assert m["name"] == MODEL and m["num_blocks"] == 30 and not m["covered"] and m["gaps"] == [[20, 30]]
     assert m["servers_per_block"][:12] == [1] * 5 + [2] * 5 + [1, 1] and m["servers_per_block"][25] == 0
     assert m["throughput_per_block"][7] == 4.0 and m["servers"] == 2
+    assert m["dropped_records"] == {"model size": 1, "no speed": 1}
     rows = {s["public_name"]: s for s in snap["servers"]}
     assert rows["a"]["rtt_s"] == 0.001 and rows["b"]["rtt_s"] is None and rows["c"]["state"] == "offline"
     assert {"public_name", "peer_id", "model", "start", "end", "state", "throughput", "rtt_s", "cache_tokens_left",

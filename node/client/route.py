@@ -23,7 +23,7 @@ async def wait_for_coverage(directory: Directory, model: str, num_blocks: int,
     """Live records of `model` once they cover every block; NoRouteError naming the gap otherwise."""
     deadline = time.monotonic() + timeout_s
     while True:
-        records = live_records(directory.records(model), model)
+        records = live_records(directory.records(model), model, num_blocks)
         gaps = coverage_gaps(records, num_blocks)
         if records and not gaps:
             return records
@@ -72,7 +72,8 @@ def make_replan(host: Host, directory: Directory, model: ClientModel, solver: st
                                        f"{config.FAILOVER_WAIT_S:g} s ({e})") from None
             # No route without them: has a server that died come back (restarted, same peer id)?
             if liftable := bans.liftable():
-                records = [r for r in live_records(directory.records(name), name) if r.peer_id in liftable]
+                records = [r for r in live_records(directory.records(name), name, model.cfg.num_blocks)
+                           if r.peer_id in liftable]
                 for r in records:
                     await host.disconnect(r.peer_id)
                 await dial_records(host, records)

@@ -62,6 +62,7 @@ class Directory:
         self._subscribed: set[str] = set()
         self._bootstrap_ids: dict[str, str] = {}  # addr -> peer id once dialed
         self.unreachable: dict[str, str] = {}  # bootstrap addr -> why its last snapshot pull failed
+        self.rejected = 0  # records refused by verification (forged, malformed, over a bound)
 
     # -- reading -----------------------------------------------------------------------------------
     def records(self, model: str | None = None) -> list[ServerRecord]:
@@ -71,6 +72,7 @@ class Directory:
         try:
             record = self.store.put(data)
         except WireError as e:
+            self.rejected += 1
             log.debug("dropped a record from %s: %s", source, e)
             return False
         if record is not None and self.models is None:
@@ -79,7 +81,8 @@ class Directory:
 
     def _follow(self, model: str) -> None:
         """Bootstrap peers (models=None) join the topic of every model they learn of, to relay it."""
-        if self._nursery is not None and model not in self._subscribed:
+        if (self._nursery is not None and model not in self._subscribed
+                and len(self._subscribed) < config.MAX_FOLLOWED_MODELS):
             self._nursery.start_soon(self._subscribe, model)
 
     # -- pulling snapshots -------------------------------------------------------------------------

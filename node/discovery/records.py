@@ -142,9 +142,9 @@ def _int(v: Any, name: str, lo: int, hi: int) -> int:
     return v
 
 
-def _num(v: Any, name: str) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
-        raise WireError(f"record field {name} must be a finite non-negative number")
+def _num(v: Any, name: str, hi: float = math.inf) -> float:
+    if type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v <= hi:
+        raise WireError(f"record field {name} must be a number in [0, {hi:g}]")
     return float(v)
 
 
@@ -179,7 +179,7 @@ def _record_from_dict(d: Any) -> ServerRecord:
         raise WireError(f"record field state must be one of {', '.join(STATES)}")
     for name in ("inference_rps", "prefill_tps", "throughput"):
         if name in d:
-            d[name] = _num(d[name], name)
+            d[name] = _num(d[name], name, config.MAX_RECORD_RATE)
     for name in ("cache_tokens_left", "sessions"):
         if name in d:
             _int(d[name], name, 0, big)
@@ -193,7 +193,8 @@ def _record_from_dict(d: Any) -> ServerRecord:
         raise WireError(
             f"record field next_rtts must map at most {config.MAX_RECORD_NEXT_RTTS} peers to seconds"
         )
-    d["next_rtts"] = {_str(k, "next_rtts key"): _num(v, "next_rtts value") for k, v in rtts.items()}
+    d["next_rtts"] = {_str(k, "next_rtts key"): _num(v, "next_rtts value", config.MAX_RECORD_RTT_S)
+                      for k, v in rtts.items()}
     health = d.get("health", {})
     if not isinstance(health, dict) or len(json.dumps(health)) > config.MAX_RECORD_HEALTH_BYTES:
         raise WireError(
@@ -227,6 +228,10 @@ class RecordStore:
             self._expire(now)
             if self._count(record.model) >= config.MAX_RECORDS_PER_MODEL:
                 raise WireError(f"too many records for model {record.model}")
+        if held is None and self._models_of(record.peer_id) >= config.MAX_MODELS_PER_PEER:
+            self._expire(now)
+            if self._models_of(record.peer_id) >= config.MAX_MODELS_PER_PEER:
+                raise WireError(f"peer {record.peer_id[-8:]} already announces {config.MAX_MODELS_PER_PEER} models")
         self._entries[key] = (record, bytes(data))
         return record
 
@@ -244,6 +249,9 @@ class RecordStore:
 
     def _count(self, model: str) -> int:
         return sum(1 for m, _ in self._entries if m == model)
+
+    def _models_of(self, peer_id: str) -> int:
+        return sum(1 for _, p in self._entries if p == peer_id)
 
     def _expire(self, now: float | None) -> None:
         now = time.time() if now is None else now

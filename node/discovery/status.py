@@ -36,14 +36,15 @@ the dict as a live TUI or prints it with `--json`. JSON fields (stable; new ones
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import trio
 from llmswarm.node import config
-from llmswarm.node.discovery.directory import is_live, open_directory
+from llmswarm.node.discovery.directory import open_directory
 from llmswarm.node.discovery.records import ServerRecord
-from llmswarm.node.discovery.swarm_view import coverage_gaps, dial_records, measure_rtts, require_peers
+from llmswarm.node.discovery.swarm_view import coverage_gaps, dial_records, live_records, measure_rtts, require_peers
 from llmswarm.node.errors import NodeError
 from llmswarm.node.host import Host, ephemeral_host
 
@@ -56,7 +57,8 @@ class ModelNotCovered(NodeError):
 
 
 def model_summary(name: str, num_blocks: int, records: list[ServerRecord]) -> dict[str, Any]:
-    live = [r for r in records if r.model == name and is_live(r)]
+    dropped: Counter[str] = Counter()
+    live = live_records(records, name, num_blocks, dropped)
     per_block = [0] * num_blocks
     tput = [0.0] * num_blocks
     for r in live:
@@ -66,7 +68,7 @@ def model_summary(name: str, num_blocks: int, records: list[ServerRecord]) -> di
     gaps = coverage_gaps(live, num_blocks)
     return {"name": name, "num_blocks": num_blocks, "covered": not gaps, "gaps": [list(g) for g in gaps],
             "servers_per_block": per_block, "throughput_per_block": [round(t, 3) for t in tput],
-            "servers": len(live)}
+            "servers": len(live), "dropped_records": dict(dropped)}
 
 
 def server_row(r: ServerRecord, rtt_s: float | None, now: float) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 import trio
 from llmswarm.node import config
@@ -25,8 +26,30 @@ def require_peers(peers: list[str]) -> None:
             raise UsageError(f"--peers: {e}") from None
 
 
-def live_records(records: list[ServerRecord], model: str) -> list[ServerRecord]:
-    return [r for r in records if r.model == model and is_live(r)]
+def live_records(records: list[ServerRecord], model: str, num_blocks: int | None = None,
+                 dropped: Counter[str] | None = None) -> list[ServerRecord]:
+    """The live records of `model` that make sense for it: a record that names another size of the
+    model, a span past its end, or no speed is dropped (and counted in `dropped` by reason), never
+    fatal to what is built from the rest. `num_blocks` None: the size most records agree on."""
+    live = [r for r in records if r.model == model and is_live(r)]
+    if num_blocks is None and live:
+        num_blocks = Counter(r.num_blocks for r in live).most_common(1)[0][0]
+    good = []
+    for r in live:
+        why = _unusable(r, num_blocks)
+        if why is None:
+            good.append(r)
+        elif dropped is not None:
+            dropped[why] += 1
+    return good
+
+
+def _unusable(r: ServerRecord, num_blocks: int | None) -> str | None:
+    if r.num_blocks != num_blocks:
+        return "model size"
+    if r.end > r.num_blocks:
+        return "span"
+    return "no speed" if r.inference_rps <= 0 else None
 
 
 def coverage_gaps(records: list[ServerRecord], num_blocks: int) -> list[tuple[int, int]]:
@@ -87,6 +110,7 @@ def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: 
         )
         for r in records
         if r.peer_id in rtts  # a server we cannot ping cannot serve us either
+        and _unusable(r, num_blocks) is None  # one bad record never breaks the snapshot
     ]
     return Snapshot(num_blocks=num_blocks, servers=servers, model=model)
 
@@ -100,7 +124,7 @@ async def fetch_snapshot(model: str, peers: list[str]) -> Snapshot:
     require_peers(peers)
     name = resolve(model).name
     async with ephemeral_host() as host, open_directory(host, peers, [name], gossip=False) as d:
-        records = live_records(d.records(name), name)
+        records = live_records(d.records(name), name, resolve(model).num_blocks or None)
         if not records:
             raise NodeError(f"no server announces {name} on this swarm yet")
         await dial_records(host, records)

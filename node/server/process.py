@@ -49,6 +49,7 @@ class ServeOptions:
     dtype: str | None = None
     public_name: str = ""
     max_sessions: int = config.DEFAULT_MAX_SESSIONS
+    peer_share: float = config.PEER_SHARE  # one client's most of the sessions and cache
     cache_tokens: int | None = None  # None: config.DEFAULT_CACHE_TOKENS, capped by DEFAULT_CACHE_BYTES
     announce_period_s: float = config.ANNOUNCE_PERIOD_S
     identity: str | None = None
@@ -138,7 +139,8 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                 lambda: load_span(ckpt, start, end, dtype, opts.device, events.progress, quant=opts.quant))
             events.progress("measuring throughput", 0, None)
             speed = measure_throughput(span)  # on the thread that will serve steps, or it under-reports 2x
-            server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens, host=host)
+            server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens, host=host,
+                                peer_share=opts.peer_share)
             host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
             state = _State(server, speed, ckpt.config.num_blocks)
 
@@ -215,7 +217,7 @@ def _pick_span(opts: ServeOptions, ckpt: Checkpoint, directory: Directory, model
     n = opts.num_blocks or planned or total
     if not 0 < n <= total:
         raise UsageError(f"--num-blocks {n} must be between 1 and {total} for {model}")
-    spans = [(r.start, r.end, r.throughput) for r in live_records(directory.records(model), model)]
+    spans = [(r.start, r.end, r.throughput) for r in live_records(directory.records(model), model, total)]
     start = choose_start(total, n, spans)
     return start, start + n
 
@@ -224,7 +226,7 @@ async def _measure_next_hops(host: Host, directory: Directory, state: _State, pe
     """RTTs to the servers a chain may hand over to after us (their span holds our end block)."""
     while True:
         model, end = state.server.model, state.server.span.end
-        targets = [r for r in live_records(directory.records(model), model)
+        targets = [r for r in live_records(directory.records(model), model, state.num_blocks)
                    if r.start <= end < r.end and r.peer_id != host.peer_id]
         rtts = {}
         for r in targets[: config.MAX_RECORD_NEXT_RTTS]:
@@ -256,7 +258,8 @@ async def _rebalance_forever(host: Host, directory: Directory, state: _State, ck
             continue
         await directory.refresh()
         span = server.span
-        others = [(r.start, r.end, r.throughput) for r in live_records(directory.records(server.model), server.model)
+        others = [(r.start, r.end, r.throughput)
+                  for r in live_records(directory.records(server.model), server.model, state.num_blocks)
                   if r.peer_id != host.peer_id]
         target = better_start(state.num_blocks, span.start, span.num_blocks, state.speed.throughput, others)
         if target is None:

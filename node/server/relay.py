@@ -79,7 +79,7 @@ async def serve_upstream(server: SpanServer, stream: FramedStream, first: Frame)
     with session.upstream_scope:
         while not session.closed:
             try:
-                frame = await stream.recv(timeout_s=math.inf)
+                frame = await stream.recv(timeout_s=math.inf, max_body=session.max_body)
             except PeerError:
                 return  # the previous server went away or was replaced: the client will notice
             if frame.type == MsgType.STEP and not session.closed:

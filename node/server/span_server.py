@@ -58,15 +58,23 @@ class Session:
     client: FramedStream
     wire_dtype: torch.dtype | None
     upstream_peer: str | None
+    peer: str  # the client's peer id: whose fair share this session counts against
     send_lock: trio.Lock = field(default_factory=trio.Lock)  # client stream: written by two tasks
     step_lock: trio.Lock = field(default_factory=trio.Lock)  # one step of a session at a time
     link: FramedStream | None = None  # to the next server, for relayed outputs
     upstream: FramedStream | None = None  # from the previous server, relayed inputs
     last_active: float = field(default_factory=trio.current_time)
+    stepped: bool = False  # has run a step (a session that never does is closed after a grace)
     closed: bool = False
     # Resetting a stream does not wake our own pending read of it: tasks are ended by cancelling these.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     upstream_scope: trio.CancelScope | None = None
+
+    @property
+    def max_body(self) -> int:
+        """The largest STEP body this session can need: its longest step in float32 (the widest wire
+        dtype). Bigger frames are refused before they are read."""
+        return min(config.MAX_STEP_TOKENS, self.max_length) * self.span.cfg.hidden_size * 4
 
     async def send(self, frame: Frame) -> None:
         """To the client, whichever task answers (its own handler or the upstream feed)."""
@@ -79,15 +87,18 @@ class SpanServer:
                  cache_tokens: int | None = None,
                  idle_timeout_s: float = config.SESSION_IDLE_TIMEOUT_S, host: Host | None = None,
                  batch_window_s: float = config.BATCH_WINDOW_S,
-                 batch_window_fraction: float = config.BATCH_WINDOW_FRACTION) -> None:
+                 batch_window_fraction: float = config.BATCH_WINDOW_FRACTION,
+                 peer_share: float = config.PEER_SHARE) -> None:
         self.model, self.span = model, span
         self.max_sessions = max_sessions
+        self.peer_sessions = max(1, math.ceil(max_sessions * peer_share))
         # One pool for the whole span: a session entering mid-span uses its first layers (its pages
         # are its own, so layer i of its sub-span can live in pool layer i).
         if cache_tokens is None:  # the pool is allocated now: size the default by memory, not just tokens
             cache_tokens = min(config.DEFAULT_CACHE_TOKENS, config.DEFAULT_CACHE_BYTES // span.cache_bytes_per_token())
         self.pool = span.new_pool(max(1, cache_tokens // config.PAGE_TOKENS), config.PAGE_TOKENS)
         self.cache_tokens = self.pool.num_pages * self.pool.page_size
+        self.peer_pages = max(1, math.ceil(self.pool.num_pages * peer_share))
         self.idle_timeout_s = idle_timeout_s
         self.host = host  # needed to dial next hops (relay); None: LINK is refused
         self.stats = ServerStats()
@@ -109,14 +120,15 @@ class SpanServer:
     async def handle(self, stream: FramedStream) -> None:
         """Serve one stream: a session (Open) until Close, EOF, idle timeout or a fatal error, or a
         relay feed (Attach) until its session ends."""
-        first = await stream.recv(timeout_s=config.READ_TIMEOUT_S)
+        first = await stream.recv(timeout_s=config.READ_TIMEOUT_S, max_body=0)  # OPEN or ATTACH: no body
         if first.type == MsgType.ATTACH:
             await relay.serve_upstream(self, stream, first)
             return
         req = Open.from_frame(first)
-        span = self._admit(req)
+        peer = stream.remote_peer_id
+        span = self._admit(req, peer)
         session = Session(secrets.token_hex(16), span, self.pool.sequence(req.max_length), req.max_length, stream,
-                          DTYPES[req.wire_dtype] if req.wire_dtype else None, req.upstream)
+                          DTYPES[req.wire_dtype] if req.wire_dtype else None, req.upstream, peer)
         self.sessions[session.id] = session
         self.stats.sessions += 1
         self.stats.sessions_total += 1
@@ -127,7 +139,7 @@ class SpanServer:
         finally:
             self._end(session)
 
-    def _admit(self, req: Open) -> Span:
+    def _admit(self, req: Open, peer: str) -> Span:
         if req.model != self.model:
             raise RemoteError(ErrorCode.WRONG_MODEL, f"this server serves {self.model}, not {req.model}")
         if not self.span.start <= req.start < req.end <= self.span.end:
@@ -138,6 +150,9 @@ class SpanServer:
                               f"max_length must be 1..{config.MAX_SESSION_LENGTH}, got {req.max_length}")
         if self.stats.sessions >= self.max_sessions:
             raise RemoteError(ErrorCode.BUSY, f"server is at its limit of {self.max_sessions} sessions: try another")
+        if sum(s.peer == peer for s in self.sessions.values()) >= self.peer_sessions:
+            raise RemoteError(ErrorCode.BUSY, f"you hold {self.peer_sessions} sessions here, your share of this "
+                                              "server: close one or try another server")
         if req.max_length > self.cache_tokens:
             raise RemoteError(ErrorCode.CACHE_FULL, f"this server's whole cache holds {self.cache_tokens} tokens, "
                                                     f"the session asks {req.max_length}: try another or a shorter "
@@ -160,7 +175,8 @@ class SpanServer:
         try:
             while True:
                 try:
-                    frame = await stream.recv(timeout_s=math.inf)  # idleness: see _close_idle_sessions
+                    # idleness: see _close_idle_sessions; a frame once begun has its own deadline
+                    frame = await stream.recv(timeout_s=math.inf, max_body=session.max_body)
                 except PeerClosed:
                     return  # client went away: free the cache quietly
                 if frame.type == MsgType.CLOSE:
@@ -191,6 +207,12 @@ class SpanServer:
                 self.stats.errors += 1
                 await session.send(Error(ErrorCode.BAD_REQUEST, str(e), _seq_or_none(frame)).to_frame())
                 return
+            share = self._over_share(session, step.position + step.hidden.shape[1])
+            if share is not None:
+                self.stats.errors += 1
+                await session.send(Error(ErrorCode.CACHE_FULL, share, step.seq).to_frame())
+                return
+            session.stepped = True
             try:
                 out = await self.scheduler.run(Job(session, session.span, session.cache, step.hidden, step.position))
             except CacheError as e:  # the step cannot be taken; the session stays usable
@@ -211,6 +233,17 @@ class SpanServer:
                     relay_failed = str(e)
             await session.send(Output(step.seq, out, relay_failed).to_frame())
 
+    def _over_share(self, session: Session, end: int) -> str | None:
+        """Why a step reaching position `end` would take the client past its share of the cache, or None."""
+        need = -(-end // self.pool.page_size) - len(session.cache.pages)
+        if need <= 0:
+            return None
+        held = sum(len(s.cache.pages) for s in self.sessions.values() if s.peer == session.peer)
+        if held + need <= self.peer_pages:
+            return None
+        return (f"your sessions hold {held} of this server's {self.pool.num_pages} cache pages and this step needs "
+                f"{need} more, past your share of {self.peer_pages}: close a session or try another server")
+
     def _count(self, steps: int, tokens: int) -> None:
         s = self.stats
         s.steps += steps
@@ -225,7 +258,8 @@ class SpanServer:
             await trio.sleep(period)
             now = trio.current_time()
             for session in list(self.sessions.values()):
-                if now - session.last_active > self.idle_timeout_s:
+                idle = now - session.last_active
+                if idle > self.idle_timeout_s or (not session.stepped and idle > config.SESSION_FIRST_STEP_S):
                     session.scope.cancel()  # its handler cleans up and frees the pages
 
 

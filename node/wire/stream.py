@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 from llmswarm.node import config
-from llmswarm.node.errors import PeerClosed, PeerError
+from llmswarm.node.errors import PeerClosed, PeerError, WireError
 from llmswarm.node.wire.codec import PREFIX_BYTES, Frame, encode_frame, parse_header, parse_prefix
 from llmswarm.node.wire.messages import Error
 
@@ -64,23 +64,32 @@ class FramedStream:
             out += chunk
         return out
 
-    async def recv(self, *, timeout_s: float = config.READ_TIMEOUT_S) -> Frame:
-        """Read one whole frame. EOF before the first byte -> PeerError("... closed the stream")."""
+    async def recv(self, *, timeout_s: float = config.READ_TIMEOUT_S, max_body: int | None = None) -> Frame:
+        """Read one whole frame. Its first byte must come within `timeout_s` (math.inf: as long as
+        the peer likes to stay idle); once it has begun, the rest within FRAME_TIMEOUT_S plus the
+        body at MIN_FRAME_BYTES_PER_S, so a peer cannot hold a half-sent frame (and our buffer) open.
+        `max_body` lowers the frame type's body limit: a larger frame is refused before its body is
+        read. EOF before the first byte -> PeerClosed."""
         try:
             with trio.fail_after(timeout_s):
                 try:
-                    prefix = await self._read_exactly(PREFIX_BYTES)
-                except _EOFInside as e:
-                    if e.got == 0:
-                        raise PeerClosed(f"peer closed the stream ({e.cause}) instead of replying") from None
-                    raise
+                    first = await self._read_exactly(1)
+                except _EOFInside:
+                    raise PeerClosed("peer closed the stream instead of replying") from None
+            frame_s = config.FRAME_TIMEOUT_S
+            with trio.fail_after(frame_s) as scope:
+                prefix = first + await self._read_exactly(PREFIX_BYTES - 1)
                 mtype, header_len, body_len = parse_prefix(prefix)
+                if max_body is not None and body_len > max_body:
+                    raise WireError(f"{mtype.name} body of {body_len} bytes exceeds this stream's limit of {max_body}")
+                frame_s += body_len / config.MIN_FRAME_BYTES_PER_S
+                scope.deadline += body_len / config.MIN_FRAME_BYTES_PER_S
                 header = parse_header(await self._read_exactly(header_len)) if header_len else {}
                 body = await self._read_exactly(body_len) if body_len else bytearray()
         except _EOFInside as e:
             raise PeerError(f"peer closed the stream mid-message ({e.cause})") from None
         except trio.TooSlowError:
-            raise PeerError(f"peer sent no complete frame within {timeout_s:g} s") from None
+            raise PeerError(f"peer sent no complete frame within {min(timeout_s, frame_s):g} s") from None
         return Frame(mtype, header, body)
 
     async def request(self, frame: Frame, *, timeout_s: float = config.REQUEST_TIMEOUT_S) -> Frame:
