@@ -87,6 +87,13 @@ def run_host_swarm(folder, bounds, fn, **server_kw):
     async def main():
         async with trio.open_nursery() as nursery:
             hosts, servers, scopes = [], [], []
+
+            async def next_hop(peer_id, block):  # what a server's directory would say (a record per host)
+                for h, s in zip(hosts, spans, strict=False):
+                    if h.peer_id == peer_id and s.start <= block < s.end:
+                        return h.addrs
+                return None
+
             for span in spans:
                 scope = trio.CancelScope()
                 started = trio.Event()
@@ -95,7 +102,7 @@ def run_host_swarm(folder, bounds, fn, **server_kw):
                     with scope:
                         async with open_host(port=0, key_pair=create_new_key_pair()) as host, \
                                 trio.open_nursery() as inner:
-                            server = SpanServer(MODEL, span, host=host, **server_kw)
+                            server = SpanServer(MODEL, span, host=host, next_hop=next_hop, **server_kw)
                             inner.start_soon(server.run)
                             host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
                             hosts.append(host)

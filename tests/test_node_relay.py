@@ -10,10 +10,10 @@ import torch
 import trio
 from llmswarm.node import config
 from llmswarm.node.client.session import open_session
-from llmswarm.node.errors import PeerError, RemoteError
+from llmswarm.node.errors import ErrorCode, PeerError, RemoteError
 from llmswarm.node.host import quiet_libp2p_logging
 from llmswarm.node.wire.codec import Frame, MsgType
-from llmswarm.node.wire.messages import Open
+from llmswarm.node.wire.messages import Error, Open
 
 quiet_libp2p_logging()
 MODEL = "tiny"
@@ -142,12 +142,21 @@ def test_attach_is_refused_from_another_peer_or_for_an_unknown_session(tiny_llam
         with pytest.raises(RemoteError) as err:
             await bad.request(Frame(MsgType.ATTACH, {"session": "not hex"}))
         assert err.value.code == "bad_request"
-        # a LINK to nowhere is answered with an error, and the session still serves steps
-        await s1.send(Frame(MsgType.LINK, {"seq": 1, "next": {"peer_id": swarm.hosts[2].peer_id,
-                                                              "addrs": ["/ip4/127.0.0.1/tcp/1"],
-                                                              "session": "0" * 32}}))
-        reply = await s1.recv()
-        assert reply.type == MsgType.ERROR and reply.header["seq"] == 1
+        # LINK goes only to a server whose record holds the next block, at the record's addresses:
+        # server 2 holds 4:6 and the session ends at 4, but its ATTACH fails (unknown session id), and
+        # server 0 (blocks 0:2) or an arbitrary address are refused with the very same line.
+        answers = []
+        for seq, (peer, addrs) in enumerate([(swarm.hosts[2].peer_id, ["/ip4/127.0.0.1/tcp/1"]),
+                                             (swarm.hosts[0].peer_id, swarm.hosts[0].addrs),
+                                             ("12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA",
+                                              ["/ip4/127.0.0.1/tcp/9"])], start=1):
+            await s1.send(Frame(MsgType.LINK, {"seq": seq, "next": {"peer_id": peer, "addrs": addrs,
+                                                                    "session": "0" * 32}}))
+            reply = Error.from_frame(await s1.recv())
+            assert reply.code is ErrorCode.LINK_FAILED and reply.seq == seq
+            answers.append(reply.message.replace(peer[-8:], "PEER"))
+        assert len(set(answers)) == 1, answers  # nothing about the target shows through
+        assert swarm.servers[1].sessions  # and the session is still there
 
     host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
 

@@ -32,7 +32,7 @@ from llmswarm.node.discovery.swarm_view import live_records
 from llmswarm.node.errors import NodeError, PeerError, UsageError
 from llmswarm.node.host import Host, open_host
 from llmswarm.node.server.health import HealthCollector
-from llmswarm.node.server.span_server import SpanServer
+from llmswarm.node.server.span_server import NextHopLookup, SpanServer
 from llmswarm.routing.balance import better_start, choose_start
 
 
@@ -140,7 +140,8 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
             events.progress("measuring throughput", 0, None)
             speed = measure_throughput(span)  # on the thread that will serve steps, or it under-reports 2x
             server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens, host=host,
-                                peer_share=opts.peer_share)
+                                peer_share=opts.peer_share,
+                                next_hop=_next_hop_lookup(directory, spec.name, ckpt.config.num_blocks))
             host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
             state = _State(server, speed, ckpt.config.num_blocks)
 
@@ -186,6 +187,22 @@ class _State:
             health=self.health.collect(sessions=s.stats.sessions, tokens_served=s.stats.tokens_served,
                                        cache_tokens_in_use=s.cache_tokens - s.cache_tokens_left),
         )
+
+
+def _next_hop_lookup(directory: Directory, model: str, num_blocks: int) -> NextHopLookup:
+    """Where a LINK may send relayed steps: the addresses of a live record holding the block (the
+    directory is refreshed once when the peer is not known yet: it may have joined a moment ago)."""
+
+    async def lookup(peer_id: str, block: int) -> list[str] | None:
+        for attempt in range(2):
+            for r in live_records(directory.records(model), model, num_blocks):
+                if r.peer_id == peer_id and r.start <= block < r.end:
+                    return list(r.addrs)
+            if attempt == 0:
+                await directory.refresh()
+        return None
+
+    return lookup
 
 
 def _want_for(opts: ServeOptions) -> Callable[[Checkpoint], list[str]] | None:

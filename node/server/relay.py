@@ -1,13 +1,15 @@
 """Server-to-server relay: a Link from the client makes us dial the next server and Attach to the
 session the client opened there; an Attach from the previous server feeds one of our sessions.
 
-A Link only ever names a peer id and addresses the client sent; we dial them with one deadline and
-answer success or one uniform failure, so a client learns nothing about the addresses beyond
-"could not relay" (no port scanning through us).
+A Link names the next server's peer id; we relay only to a server that a live record says holds
+the block after the session's span, and we dial the addresses of that record, not the ones the
+client sent: a client cannot make us dial anything else. Every failure is answered with the same
+line, so nothing about the target's ports shows through (details go to the debug log).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,8 @@ from llmswarm.node.wire.stream import FramedStream
 
 if TYPE_CHECKING:
     from llmswarm.node.server.span_server import Session, SpanServer
+
+log = logging.getLogger(__name__)
 
 
 async def link(server: SpanServer, session: Session, frame: Frame) -> None:
@@ -34,11 +38,21 @@ async def link(server: SpanServer, session: Session, frame: Frame) -> None:
     try:
         if server.host is None:
             raise RemoteError(ErrorCode.NO_RELAY, "this server does not relay")
-        stream = await _attach(server, request.next)
+        nxt = request.next
+        if server.next_hop is not None:
+            addrs = await server.next_hop(nxt.peer_id, session.span.end)
+            if not addrs:
+                raise PeerError(f"no live record of {nxt.peer_id[-8:]} holding block {session.span.end}")
+            nxt = NextHop(nxt.peer_id, tuple(addrs), nxt.session)
+        stream = await _attach(server, nxt)
     except PeerError as e:
         server.stats.errors += 1
-        code = e.code if isinstance(e, RemoteError) else ErrorCode.LINK_FAILED
-        await session.send(Error(code, f"cannot relay to the next server: {e}", request.seq).to_frame())
+        log.debug("LINK to %s refused or failed: %s", request.next.peer_id[-8:], e)
+        if isinstance(e, RemoteError) and e.code is ErrorCode.NO_RELAY:
+            await session.send(Error(e.code, str(e), request.seq).to_frame())
+        else:
+            await session.send(Error(ErrorCode.LINK_FAILED, f"cannot relay to {request.next.peer_id[-8:]}: "
+                                     "the client relays this pair itself", request.seq).to_frame())
         return
     if session.closed:
         await stream.reset()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,8 @@ from llmswarm.node.server.scheduler import Job, Scheduler
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType
 from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Step, parse_seq
 from llmswarm.node.wire.stream import FramedStream
+
+NextHopLookup = Callable[[str, int], Awaitable[list[str] | None]]
 
 
 @dataclass
@@ -88,7 +91,7 @@ class SpanServer:
                  idle_timeout_s: float = config.SESSION_IDLE_TIMEOUT_S, host: Host | None = None,
                  batch_window_s: float = config.BATCH_WINDOW_S,
                  batch_window_fraction: float = config.BATCH_WINDOW_FRACTION,
-                 peer_share: float = config.PEER_SHARE) -> None:
+                 peer_share: float = config.PEER_SHARE, next_hop: NextHopLookup | None = None) -> None:
         self.model, self.span = model, span
         self.max_sessions = max_sessions
         self.peer_sessions = max(1, math.ceil(max_sessions * peer_share))
@@ -101,6 +104,9 @@ class SpanServer:
         self.peer_pages = max(1, math.ceil(self.pool.num_pages * peer_share))
         self.idle_timeout_s = idle_timeout_s
         self.host = host  # needed to dial next hops (relay); None: LINK is refused
+        # (peer id, block) -> the addresses of that peer's live record holding the block, or None: LINK
+        # goes only there. None here (in-process tests) trusts the client's addresses.
+        self.next_hop = next_hop
         self.stats = ServerStats()
         self.sessions: dict[str, Session] = {}
         self.scheduler = Scheduler(batch_window_s, on_step=self._count, window_fraction=batch_window_fraction)
