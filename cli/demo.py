@@ -34,10 +34,12 @@ def demo(
         spans = even_spans(ckpt.config.num_blocks, servers)
         swarm = LocalSwarm(model_arg(spec), spans, dtype=dtype, progress=report)
         swarm.__enter__()  # stops every process it started if it cannot start them all
-    with swarm:
+    try:
         if not json_out:
             output.info(f"swarm up: bootstrap {swarm.peers[0]} and {servers} servers "
                         + ", ".join(f"{a}:{b}" for a, b in spans))
         opts = ChatOptions(model=model_arg(spec), prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype,
                            peers=swarm.peers, show_route=show_route)
         run_chat_rendered(opts, json_out)
+    finally:
+        swarm.stop()
