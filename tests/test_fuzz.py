@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from libp2p.crypto.ed25519 import create_new_key_pair
 from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
@@ -35,7 +35,10 @@ PROMPT = "What is the capital of France?"
 HIDDEN = 576
 # What a server may hold beyond its weights and cache pool under any attack (the issue's target).
 RSS_MARGIN_BYTES = 256 * 2**20
-FUZZ = settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# Few examples of many attacks each (every example ends with a chat); no shrinking: a failure prints
+# its example as it is, which is enough to replay it, and shrinking would restart the swarm's clock.
+FUZZ = settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                phases=(Phase.explicit, Phase.generate))
 
 
 def _chat(*args: str) -> list[int]:
@@ -90,41 +93,47 @@ def _raw(mtype: int, header: dict | bytes, body: bytes) -> bytes:
     return PREFIX.pack(b"LS", config.WIRE_VERSION, mtype, len(head), len(body)) + head + body
 
 
-@given(frames=st.lists(raw_frames, min_size=25, max_size=25))
-@FUZZ
-def test_malformed_frames_are_answered_and_the_server_stays_healthy(swarm, frames):
-    async def fn(host, peer):
-        async def session():
-            stream = await host.open_stream(peer, config.PROTOCOL_INFERENCE)
-            assert Opened.from_frame(await stream.request(Open(MODEL, 0, 15, 64).to_frame())).max_length == 64
-            return stream
+def test_malformed_frames_are_answered_and_the_server_stays_healthy(swarm):
+    @given(frames=st.lists(raw_frames, min_size=25, max_size=25))
+    @FUZZ
+    def attack(frames):
+        _attack(swarm, lambda host, peer: _send_frames(host, peer, frames))
 
-        stream, codes = await session(), []
-        for mtype, header, body in frames:  # inside a session: each is answered (or ends only its stream)
-            if mtype in (MsgType.CLOSE, MsgType.LINK):
-                continue  # a CLOSE ends the session by design; LINKs have their own tests
-            try:
-                await stream.stream.write(_raw(mtype, header, body))
-                reply = await stream.recv(timeout_s=10)
-            except Exception:  # noqa: BLE001 - the server ended this stream (an unknown type, a bad prefix)
-                stream = await session()
-                continue
-            assert reply.type in (MsgType.ERROR, MsgType.OUTPUT), reply.type
-            if reply.type == MsgType.ERROR:
-                codes.append(Error.from_frame(reply).code)
-        assert codes and set(codes) <= {ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.CACHE_FULL}
-        # deeply nested JSON, a body on a control frame: the request's fault, never `internal`
-        for header, body in [(b'{"a":' + b"[" * 30000 + b"]" * 30000 + b"}", b""), ({}, b"x" * 100)]:
-            fresh = await host.open_stream(peer, config.PROTOCOL_INFERENCE)
-            await fresh.stream.write(_raw(MsgType.OPEN, header, body))
-            with pytest.raises(RemoteError) as err:
-                Error.raise_if(await fresh.recv(timeout_s=10))
-            assert err.value.code is ErrorCode.BAD_REQUEST
-        await stream.send(Step(1, 2**31, torch.zeros(1, 1, HIDDEN)).to_frame())  # an absurd position
-        assert Error.from_frame(await stream.recv(timeout_s=10)).code is ErrorCode.BAD_REQUEST
+    attack()
+    _after_attack(swarm)  # once per class of attack
 
-    _attack(swarm, fn)
-    _after_attack(swarm)
+
+async def _send_frames(host, peer, frames):
+    async def session():
+        stream = await host.open_stream(peer, config.PROTOCOL_INFERENCE)
+        assert Opened.from_frame(await stream.request(Open(MODEL, 0, 15, 64).to_frame())).max_length == 64
+        return stream
+
+    stream, codes = await session(), []
+    for mtype, header, body in frames:  # inside a session: each is answered (or ends only its stream)
+        if mtype in (MsgType.CLOSE, MsgType.LINK):
+            continue  # a CLOSE ends the session by design; LINKs have their own tests
+        try:
+            await stream.stream.write(_raw(mtype, header, body))
+            reply = await stream.recv(timeout_s=10)
+        except Exception:  # noqa: BLE001 - the server ended this stream (an unknown type, a bad prefix)
+            stream = await session()
+            continue
+        assert reply.type in (MsgType.ERROR, MsgType.OUTPUT), reply.type
+        if reply.type == MsgType.ERROR:
+            codes.append(Error.from_frame(reply).code)
+    assert codes and set(codes) <= {ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.CACHE_FULL}
+    # deeply nested JSON, a body on a control frame: the request's fault, never `internal`
+    for header, body in [(b'{"a":' + b"[" * 30000 + b"]" * 30000 + b"}", b""), ({}, b"x" * 100)]:
+        fresh = await host.open_stream(peer, config.PROTOCOL_INFERENCE)
+        await fresh.stream.write(_raw(MsgType.OPEN, header, body))
+        with pytest.raises(RemoteError) as err:
+            Error.raise_if(await fresh.recv(timeout_s=10))
+        assert err.value.code is ErrorCode.BAD_REQUEST
+    stream = await session()
+    await stream.send(Step(1, 2**31, torch.zeros(1, 1, HIDDEN)).to_frame())  # an absurd position
+    assert Error.from_frame(await stream.recv(timeout_s=10)).code is ErrorCode.BAD_REQUEST
+
 
 
 # -- records -----------------------------------------------------------------------------------------
@@ -137,39 +146,43 @@ records = st.fixed_dictionaries({
 })
 
 
-@given(batch=st.lists(records, min_size=20, max_size=20))
-@FUZZ
-def test_hostile_records_are_dropped_one_by_one(swarm, batch):
+def test_hostile_records_are_dropped_one_by_one(swarm):
     """Validly signed records that lie (a span past the model, no or absurd speed, addresses that never
     answer, many models for one key) are refused or dropped; none of them breaks a chat or a route."""
 
-    async def fn(host, _peer):
-        key = create_new_key_pair()
-        boot = swarm.peers[0]
-        bootstrap_id = await host.connect(boot)
-        for i, fields in enumerate(batch):
-            addrs = [f"{a}/p2p/{peer_id_of(key)}" for a in fields.pop("addrs") if a != "garbage"]
-            record = ServerRecord(peer_id=peer_id_of(key), addrs=addrs, seq=time.time_ns() + i,
-                                  expires_at=time.time() + 30, **fields)
-            try:
-                data = sign_record(record, key.private_key)
-            except Exception:  # noqa: BLE001 - a record even the signer refuses never reaches the wire
-                continue
-            stream = await host.open_stream(bootstrap_id, config.PROTOCOL_RECORDS)
-            try:
-                added = Ack.from_frame(await stream.request(RecordPut(data).to_frame())).added
-            except RemoteError as e:
-                assert e.code is ErrorCode.BAD_RECORD
-                added = False
-            await stream.close()
-            if not 0 <= fields["inference_rps"] <= config.MAX_RECORD_RATE or len(fields["model"]) > 256:
-                assert not added, fields  # out of bounds: refused whatever else it says
+    @given(batch=st.lists(records, min_size=20, max_size=20))
+    @FUZZ
+    def attack(batch):
+        _attack(swarm, lambda host, _peer: _put_records(host, swarm, batch))
 
-    _attack(swarm, fn)
+    attack()
     res = subprocess.run(llmswarm_command("route", "--model", MODEL, "--peers", swarm.peers[0], "--json"),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     _after_attack(swarm)
+
+
+async def _put_records(host, swarm, batch):
+    key = create_new_key_pair()
+    boot = swarm.peers[0]
+    bootstrap_id = await host.connect(boot)
+    for i, fields in enumerate(batch):
+        addrs = [f"{a}/p2p/{peer_id_of(key)}" for a in fields.pop("addrs") if a != "garbage"]
+        record = ServerRecord(peer_id=peer_id_of(key), addrs=addrs, seq=time.time_ns() + i,
+                              expires_at=time.time() + 30, **fields)
+        try:
+            data = sign_record(record, key.private_key)
+        except Exception:  # noqa: BLE001 - a record even the signer refuses never reaches the wire
+            continue
+        stream = await host.open_stream(bootstrap_id, config.PROTOCOL_RECORDS)
+        try:
+            added = Ack.from_frame(await stream.request(RecordPut(data).to_frame())).added
+        except RemoteError as e:
+            assert e.code is ErrorCode.BAD_RECORD
+            added = False
+        await stream.close()
+        if not 0 <= fields["inference_rps"] <= config.MAX_RECORD_RATE or len(fields["model"]) > 256:
+            assert not added, fields  # out of bounds: refused whatever else it says
 
 
 # -- a client that hoards a server -------------------------------------------------------------------
