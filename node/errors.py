@@ -46,6 +46,10 @@ class UsageError(NodeError):
     """Options that cannot work together or with this model (exit code 2, like a bad flag)."""
 
 
+class DuplicatePeerError(NodeError):
+    """Another live process uses this process's peer id (one key file in two places)."""
+
+
 class WireError(NodeError):
     """A frame that is malformed, oversized, of an unknown version or type, or fails validation."""
 

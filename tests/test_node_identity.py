@@ -125,3 +125,35 @@ def test_swarm_without_identity_flags_chats_like_local(data_home, smollm2, tmp_p
         assert remote.returncode == 0, remote.stderr
         assert json.loads(remote.stdout)["token_ids"] == json.loads(local.stdout)["token_ids"]
     assert len(list(data_home.glob("*.key"))) == 3
+
+
+@pytest.mark.slow
+def test_one_key_in_two_places_is_detected_by_the_servers(tiny_llama, tmp_path):
+    """A key file copied elsewhere (another machine, another folder) escapes the lock: the servers
+    notice a newer record under their own peer id that they did not sign, and one of them stops with
+    one line rather than share the id."""
+    key = tmp_path / "a.key"
+    boot = _start_bootstrap("--identity", str(tmp_path / "boot.key"), env=dict(os.environ))
+    joins = []
+    try:
+        peers = boot.stdout.readline().strip()
+        acquire_identity(key).close()  # create it
+        (tmp_path / "b.key").write_bytes(key.read_bytes())
+        (tmp_path / "b.key").chmod(0o600)
+        for name in ("a.key", "b.key"):
+            joins.append(subprocess.Popen(llmswarm_command(
+                "join", "--model", str(tiny_llama), "--blocks", "0:6", "--peers", peers, "--identity",
+                str(tmp_path / name), "--announce-period", "1", "--rebalance-period", "0"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and all(p.poll() is None for p in joins):
+            time.sleep(0.5)
+        stopped = [p for p in joins if p.poll() is not None]
+        assert stopped, "both servers kept announcing one peer id"
+        err = stopped[0].stderr.read()
+        assert stopped[0].returncode == 4 and "another live process announces peer id" in err, err
+    finally:
+        for p in [*joins, boot]:
+            if p.poll() is None:
+                p.terminate()
+            p.communicate(timeout=10)

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 from llmswarm.node import config
 from llmswarm.node.discovery.records import RecordStore, ServerRecord, sign_record
-from llmswarm.node.errors import ErrorCode, NodeError, PeerClosed, PeerError, RemoteError, WireError
+from llmswarm.node.errors import DuplicatePeerError, ErrorCode, NodeError, PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.host import Host
 from llmswarm.node.wire.codec import MsgType
 from llmswarm.node.wire.messages import Ack, RecordPut, Records, RecordsGet
@@ -310,14 +310,17 @@ async def announce_forever(
     state "offline" (shielded, bounded) so clients stop routing to us at once."""
     ttl_s = period_s * config.RECORD_TTL_FACTOR if ttl_s is None else ttl_s
     last: ServerRecord | None = None
+    mine: list[int] = []  # the seqs we signed: a newer one we did not sign is another live process's
     try:
         while True:
             last = make_record().stamped(ttl_s)
+            mine.append(last.seq)
             try:
                 await d.publish(sign_record(last, private_key))
             except NodeError as e:
                 log.warning("announcing failed: %s", e)
             await trio.sleep(period_s)
+            _check_no_twin(d, last, mine)
     finally:
         if last is not None:
             with trio.move_on_after(config.REQUEST_TIMEOUT_S) as scope:
@@ -327,6 +330,16 @@ async def announce_forever(
                     await d.publish(sign_record(offline, private_key))
                 except NodeError as e:
                     log.warning("announcing offline failed: %s", e)
+
+
+def _check_no_twin(d: Directory, ours: ServerRecord, mine: list[int]) -> None:
+    """Two live processes with one key (a key file copied to another machine) announce under one peer
+    id: clients then reach either at random. The newest record under our id must be one we signed."""
+    held = next((r for r in d.store.records(ours.model) if r.peer_id == ours.peer_id), None)
+    if held is not None and held.seq > mine[0] and held.seq not in mine:
+        raise DuplicatePeerError(
+            f"another live process announces peer id {ours.peer_id} (its record lists {', '.join(held.addrs[:2])}):"
+            " two processes share one key file; give one of them its own --identity FILE")
 
 
 def is_live(record: ServerRecord, now: float | None = None) -> bool:
