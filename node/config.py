@@ -68,6 +68,33 @@ HOST_CLOSE_TIMEOUT_S = 3.0  # closing all connections and listeners of a host on
 SESSION_IDLE_TIMEOUT_S = 300.0  # a session with no step for this long is closed by the server
 
 # --------------------------------------------------------------------------------------------------
+# Behind NAT (node/nat.py, node/server/reach.py): AutoNAT, circuit relay v2, DCUtR
+# --------------------------------------------------------------------------------------------------
+# A small swarm has one or two bootstrap peers: one honest dial-back (on a fresh connection, checked
+# by a Noise handshake) proves an address works, so one answer decides (the AutoNAT spec's 4 is for
+# swarms with many servers to ask).
+AUTONAT_MIN_CONFIRMATIONS = 1
+AUTONAT_MAX_PEERS = 4  # peers asked to dial us back per check (bootstrap peers first)
+AUTONAT_MAX_DIAL_BACKS = 4  # addresses (observed IP x advertised TCP ports) one dial-back request may cost
+AUTONAT_DIAL_BACK_TIMEOUT_S = 3.0  # one dial-back: TCP + Noise, ~4 RTTs at 150 ms + a lost SYN (as DIAL_ADDR_TIMEOUT_S)
+AUTONAT_QUERY_TIMEOUT_S = 15.0  # a whole query: stream open + the peer's dial-backs (up to 4 x 3 s) + slack
+REACHABILITY_RECHECK_S = 300.0  # a server re-asks this often (a home router's mapping can change)
+NAT_HANDLER_TIMEOUT_S = 30.0  # life of one AutoNAT, STOP or DCUtR exchange (the HOP side lives as long as its circuit)
+# What a relay (bootstrap peers by default, `join --relay-service`) gives each reservation: a circuit
+# carries a whole chat (smollm2: ~2.3 KB of hidden states per token per hop; a 70B model ~16 KB), so
+# the caps are there against abuse, not to ration chats.
+RELAY_CIRCUIT_MAX_S = 24 * 3600  # one circuit's life (a long chat session), then the client re-dials
+RELAY_CIRCUIT_MAX_BYTES = 16 * 1024**3  # one circuit's data, both directions
+RELAY_MAX_CIRCUITS_PER_PEER = 64  # open circuits to one reserved peer (clients and previous servers)
+RELAY_MAX_RESERVATIONS = 128  # servers one relay serves at once
+RELAY_RESERVATION_TTL_S = 3600  # a reservation's validity; renewed every RELAY_RESERVATION_REFRESH_S
+RELAY_RESERVATION_REFRESH_S = 60.0  # a private server renews (and re-dials a lost relay) this often
+RELAY_RESERVE_TIMEOUT_S = 5.0  # stream open + RESERVE + answer: ~3 RTTs + losses
+RELAY_MAX_RESERVED = 2  # relays a private server reserves on (one may go away)
+CIRCUIT_DIAL_TIMEOUT_S = 6.0  # relay CONNECT + STOP + Noise + yamux over two links: ~8 RTTs (1.2 s) + losses
+DCUTR_TIMEOUT_S = 20.0  # one DCUtR attempt (3 rounds of simultaneous dials, 5 s each in py-libp2p)
+
+# --------------------------------------------------------------------------------------------------
 # Wire format (node/wire.py)
 # --------------------------------------------------------------------------------------------------
 WIRE_VERSION = 2  # 2: relay (LINK/ATTACH), step seq numbers, wire dtype
