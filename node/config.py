@@ -78,6 +78,9 @@ AUTONAT_MAX_PEERS = 4  # peers asked to dial us back per check (bootstrap peers 
 AUTONAT_MAX_DIAL_BACKS = 4  # addresses (observed IP x advertised TCP ports) one dial-back request may cost
 AUTONAT_DIAL_BACK_TIMEOUT_S = 3.0  # one dial-back: TCP + Noise, ~4 RTTs at 150 ms + a lost SYN (as DIAL_ADDR_TIMEOUT_S)
 AUTONAT_QUERY_TIMEOUT_S = 15.0  # a whole query: stream open + the peer's dial-backs (up to 4 x 3 s) + slack
+# Until reachability is known (no bootstrap peer connected yet, no answer) or while private with no
+# relay slot, a server tries again this often: it cannot be reached until then.
+REACH_RETRY_S = 2.0
 REACHABILITY_RECHECK_S = 300.0  # a server re-asks this often (a home router's mapping can change)
 NAT_HANDLER_TIMEOUT_S = 30.0  # life of one AutoNAT, STOP or DCUtR exchange (the HOP side lives as long as its circuit)
 # What a relay (bootstrap peers by default, `join --relay-service`) gives each reservation: a circuit
@@ -139,6 +142,16 @@ NEXT_HOP_PING_COUNT = 3  # PINGs per next-hop server when measuring RTTs for our
 # A server with a next hop not yet found or not reachable measures again after this long instead of a
 # whole announce period (30 s), so its record carries real server-to-server RTTs soon after it joins.
 NEXT_HOP_RETRY_S = 2.0
+# A server measures its next hops this fraction of an announce period apart and republishes at once
+# when they changed (node/server/pace.py: a hop appeared or vanished, or an RTT moved by more than
+# NEXT_HOP_CHANGE_FRACTION and NEXT_HOP_CHANGE_FLOOR_S): records are fresh within one announce period.
+NEXT_HOP_REFRESH_FRACTION = 0.5
+NEXT_HOP_CHANGE_FRACTION = 0.2  # 20%: the solver's estimates are asked to be within 15%
+NEXT_HOP_CHANGE_FLOOR_S = 0.003  # below ~3 ms, a change is jitter of Python's stack, not the link
+# Announced speed follows served decode steps: an exponential average with this weight per batch
+# (~10 steps to move most of the way: a 24-token chat re-measures a server that was slow at startup).
+SERVED_SPEED_ALPHA = 0.1
+ANNOUNCE_MIN_GAP_S = 0.5  # a woken announcer (reachability, next hops changed) republishes at most this often
 CLIENT_PING_COUNT = 3  # PINGs per candidate server before a client routes
 COVERAGE_WAIT_S = 20.0  # how long `chat` waits for the swarm to cover every block
 BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each further failure

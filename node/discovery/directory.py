@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -285,9 +285,11 @@ async def announce_forever(
     private_key: Any,
     period_s: float = config.ANNOUNCE_PERIOD_S,
     ttl_s: float | None = None,
+    woken: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Publish a fresh record every `period_s` until cancelled; then publish it once more with
-    state "offline" (shielded, bounded) so clients stop routing to us at once."""
+    state "offline" (shielded, bounded) so clients stop routing to us at once. `woken()` returns
+    when something in the record changed (reachability, next-hop RTTs): publish then, not later."""
     ttl_s = period_s * config.RECORD_TTL_FACTOR if ttl_s is None else ttl_s
     last: ServerRecord | None = None
     try:
@@ -297,7 +299,9 @@ async def announce_forever(
                 await d.publish(sign_record(last, private_key))
             except NodeError as e:
                 log.warning("announcing failed: %s", e)
-            await trio.sleep(period_s)
+            with trio.move_on_after(period_s):
+                await (woken() if woken is not None else trio.sleep_forever())
+                await trio.sleep(config.ANNOUNCE_MIN_GAP_S)
     finally:
         if last is not None:
             with trio.move_on_after(config.REQUEST_TIMEOUT_S) as scope:
