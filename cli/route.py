@@ -135,10 +135,12 @@ def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int
 
 def _record(res, snap) -> dict:
     quant = {s.peer_id: s.quant for s in snap.servers}
+    reach = {s.peer_id: s.reach for s in snap.servers}
 
     def point(r):
         return {"latency_s": r.latency_s, "throughput": r.throughput, "hops": r.hops, "risk": r.risk,
-                "chain": [{"peer_id": h.peer_id, "start": h.start, "end": h.end, "quant": quant.get(h.peer_id, "none")}
+                "chain": [{"peer_id": h.peer_id, "start": h.start, "end": h.end, "quant": quant.get(h.peer_id, "none"),
+                           "reach": reach.get(h.peer_id, "direct")}
                           for h in r.chain]}
 
     return {"model": snap.model, "num_blocks": snap.num_blocks, "servers": len(snap.servers),
@@ -158,7 +160,8 @@ def _render(record: dict) -> None:
     for p in record["front"]:
         mark = "*" if p == chosen else ""
         chain = " > ".join(f"{_short(h['peer_id'])}:{h['start']}-{h['end']}"
-                           + ("" if h.get("quant", "none") == "none" else f"[{h['quant']}]") for h in p["chain"])
+                           + ("" if h.get("quant", "none") == "none" else f"[{h['quant']}]")
+                           + ("" if h.get("reach", "direct") == "direct" else f" ({h['reach']})") for h in p["chain"])
         table.add_row(mark, f"{p['latency_s'] * 1000:.1f}", f"{p['throughput']:.1f}", str(p["hops"]), chain)
     output.console.print(table)
     output.console.print(f"[bold]chosen[/bold]: {chosen['latency_s'] * 1000:.1f} ms/step, "

@@ -103,10 +103,11 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
     host_cm = open_host(opts.identity) if opts.identity else ephemeral_host()
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
-                                         exact_weights=opts.exact_weights)
+                                         exact_weights=opts.exact_weights, relay=opts.relay)
         if opts.show_route:
             events.route(route_lines(result, names))
-        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights)
+        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights,
+                             opts.relay)
         async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
                                 model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:

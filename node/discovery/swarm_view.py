@@ -72,12 +72,15 @@ async def dial_records(host: Host, records: list[ServerRecord]) -> None:
                 nursery.start_soon(one, r)
 
 
-def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: dict[str, float]) -> Snapshot:
+def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: dict[str, float],
+                reach: dict[str, str | None] | None = None) -> Snapshot:
+    """`reach`: how we are connected to each server (Host.reach); unknown ones read as their record says."""
+    reach = reach or {}
     servers = [
         ServerInfo(
             peer_id=r.peer_id, start=r.start, end=r.end, inference_rps=r.inference_rps, throughput=r.throughput,
             cache_tokens_left=r.cache_tokens_left, rtt_s=rtts.get(r.peer_id), next_rtts=dict(r.next_rtts),
-            public_name=r.public_name or None, quant=r.quant,
+            public_name=r.public_name or None, quant=r.quant, reach=reach.get(r.peer_id) or r.reach,
         )
         for r in records
         if r.peer_id in rtts  # a server we cannot ping cannot serve us either
@@ -99,4 +102,4 @@ async def fetch_snapshot(model: str, peers: list[str]) -> Snapshot:
             raise NodeError(f"no server announces {name} on this swarm yet")
         await dial_records(host, records)
         rtts = await measure_rtts(host, [r.peer_id for r in records])
-        return to_snapshot(records, name, records[0].num_blocks, rtts)
+        return to_snapshot(records, name, records[0].num_blocks, rtts, {p: host.reach(p) for p in rtts})
