@@ -10,10 +10,7 @@ py-libp2p 0.8.1 ships the protocols; this module wraps them the way node/host.py
   2. AutoNAT's server dials only advertised addresses whose IP equals the observed one; a node
      behind NAT advertises private addresses, so it always got E_DIAL_REFUSED ("unknown").
      `_AutoNAT` dials the observed IP on each advertised TCP port (still only the observed IP).
-  3. The relay keys its open circuits by destination peer (`_active_relays[dest]`): when one of two
-     circuits to the same server ended, it closed the other's streams. `_Relay` closes exactly
-     the two streams of the circuit that ended.
-  4. `Swarm.dial_peer` skips /p2p-circuit addresses; `dial_circuit` dials them through the relay
+  3. `Swarm.dial_peer` skips /p2p-circuit addresses; `dial_circuit` dials them through the relay
      transport (CONNECT to the relay, then Noise and yamux over the relayed stream).
 """
 
@@ -42,7 +39,6 @@ log = logging.getLogger(__name__)
 
 REACHABILITIES = ("auto", "public", "private")
 DIRECT, RELAYED, PUNCHED = "direct", "relayed", "hole-punched"
-_NOBODY = ID(b"\x00\x00llmswarm-no-peer")  # a key never in the relay's table (see _Relay)
 
 
 def is_circuit(addr: str) -> bool:
@@ -119,19 +115,6 @@ class _AutoNAT(AutoNATService):
         return None
 
 
-class _Relay(CircuitV2Protocol):
-    """The circuit relay (HOP) and its STOP side, with each circuit closing only its own streams."""
-
-    async def _relay_data(self, src_stream: Any, dst_stream: Any, peer_id: ID, deadline: float | None = None,
-                          circuit_data_limit: list[int] | None = None) -> None:
-        try:
-            await super()._relay_data(src_stream, dst_stream, _NOBODY, deadline, circuit_data_limit)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._close_stream(src_stream)
-                await self._close_stream(dst_stream)
-
-
 def _safe(handler: Any, name: str, timeout_s: float | None = config.NAT_HANDLER_TIMEOUT_S) -> Any:
     """Trap 1 of host.py for py-libp2p's own handlers: nothing escapes, the stream is reset."""
 
@@ -171,7 +154,7 @@ class Nat:
                              max_circuit_conns=config.RELAY_MAX_CIRCUITS_PER_PEER,
                              max_reservations=config.RELAY_MAX_RESERVATIONS,
                              reservation_ttl=config.RELAY_RESERVATION_TTL_S)
-        self.relay = _Relay(raw, limits=limits, allow_hop=relay_service)
+        self.relay = CircuitV2Protocol(raw, limits=limits, allow_hop=relay_service)
         self.transport = CircuitV2Transport(raw, self.relay, RelayConfig(roles=RelayRole.STOP, limits=limits))
         self.autonat = _AutoNAT(raw, serve=False, confirmations=config.AUTONAT_MIN_CONFIRMATIONS)
 
