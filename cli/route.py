@@ -130,6 +130,9 @@ def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int
                            "available yet; use --simulate SERVERSxBLOCKS or --snapshot FILE") from None
     if not model:
         raise typer.BadParameter("--model is required to route through the live swarm")
+    from llmswarm.node.host import quiet_libp2p_logging
+
+    quiet_libp2p_logging()  # py-libp2p's warnings are not the user's business
     return trio.run(fetch_snapshot, model, peers)  # the node layer bounds its own waits
 
 

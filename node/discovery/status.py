@@ -72,7 +72,7 @@ def model_summary(name: str, num_blocks: int, records: list[ServerRecord]) -> di
 def server_row(r: ServerRecord, rtt_s: float | None, now: float, reach: str | None = None) -> dict[str, Any]:
     """`reach`: how this status client is connected to it now; without a connection, what its
     record says ("relayed": behind NAT, reached through a circuit relay)."""
-    return {"reach": reach or r.reach,
+    return {"reach": reach or r.reach, "addrs": list(r.addrs),
             "public_name": r.public_name, "peer_id": r.peer_id, "model": r.model, "start": r.start, "end": r.end,
             "state": r.state, "throughput": round(r.throughput, 3), "inference_rps": round(r.inference_rps, 3),
             "rtt_s": rtt_s, "cache_tokens_left": r.cache_tokens_left, "sessions": r.sessions,
