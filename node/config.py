@@ -96,6 +96,7 @@ RELAY_RESERVE_TIMEOUT_S = 5.0  # stream open + RESERVE + answer: ~3 RTTs + losse
 RELAY_MAX_RESERVED = 2  # relays a private server reserves on (one may go away)
 CIRCUIT_DIAL_TIMEOUT_S = 6.0  # relay CONNECT + STOP + Noise + yamux over two links: ~8 RTTs (1.2 s) + losses
 DCUTR_TIMEOUT_S = 20.0  # one DCUtR attempt (3 rounds of simultaneous dials, 5 s each in py-libp2p)
+DCUTR_READ_TIMEOUT_S = 10.0  # one DCUtR message over the relayed stream: ~2 RTTs through a relay + losses
 
 # --------------------------------------------------------------------------------------------------
 # Wire format (node/wire.py)

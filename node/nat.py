@@ -10,8 +10,18 @@ py-libp2p 0.8.1 ships the protocols; this module wraps them the way node/host.py
   2. AutoNAT's server dials only advertised addresses whose IP equals the observed one; a node
      behind NAT advertises private addresses, so it always got E_DIAL_REFUSED ("unknown").
      `_AutoNAT` dials the observed IP on each advertised TCP port (still only the observed IP).
-  3. `Swarm.dial_peer` skips /p2p-circuit addresses; `dial_circuit` dials them through the relay
+  3. The relay keys its open circuits by destination peer (`_active_relays[dest]`): when one of two
+     circuits to the same server ends, its cleanup may close the other circuit's streams (seen with
+     two clients on one server: the second client's next ping got EOF). `_Relay` closes exactly the
+     two streams of the circuit that ended, and never touches that table.
+  4. `Swarm.dial_peer` skips /p2p-circuit addresses; `dial_circuit` dials them through the relay
      transport (CONNECT to the relay, then Noise and yamux over the relayed stream).
+  5. DCUtR's service drives a hole punch towards every relayed peer every 2 s from both ends, and
+     closes the relayed connection 60 s after an upgrade, under any session stream still on it.
+     `_DCUtR` only answers; `punch` is called by the side that dials (a client before it opens
+     sessions, a server before it LINKs), and closes the relayed connection itself once a direct
+     one is verified, so every later stream goes direct. The puncher must listen on a dialable
+     address (`--host 0.0.0.0`): the peer behind NAT dials it back from its listen port.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -39,6 +51,7 @@ log = logging.getLogger(__name__)
 
 REACHABILITIES = ("auto", "public", "private")
 DIRECT, RELAYED, PUNCHED = "direct", "relayed", "hole-punched"
+_NOBODY = ID(b"\x00\x00llmswarm-no-peer")  # a key never in the relay's circuit table (see _Relay)
 
 
 def is_circuit(addr: str) -> bool:
@@ -115,6 +128,26 @@ class _AutoNAT(AutoNATService):
         return None
 
 
+class _Relay(CircuitV2Protocol):
+    """The circuit relay (HOP) and its STOP side, each circuit closing only its own streams (3)."""
+
+    async def _relay_data(self, src_stream: Any, dst_stream: Any, peer_id: ID, deadline: float | None = None,
+                          circuit_data_limit: list[int] | None = None) -> None:
+        try:
+            await super()._relay_data(src_stream, dst_stream, _NOBODY, deadline, circuit_data_limit)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_stream(src_stream)
+                await self._close_stream(dst_stream)
+
+
+class _DCUtR(DCUtRProtocol):
+    """DCUtR that answers hole punches but never starts one by itself (see 5 above)."""
+
+    async def _auto_drive_loop(self) -> None:
+        await trio.sleep_forever()
+
+
 def _safe(handler: Any, name: str, timeout_s: float | None = config.NAT_HANDLER_TIMEOUT_S) -> Any:
     """Trap 1 of host.py for py-libp2p's own handlers: nothing escapes, the stream is reset."""
 
@@ -154,16 +187,23 @@ class Nat:
                              max_circuit_conns=config.RELAY_MAX_CIRCUITS_PER_PEER,
                              max_reservations=config.RELAY_MAX_RESERVATIONS,
                              reservation_ttl=config.RELAY_RESERVATION_TTL_S)
-        self.relay = CircuitV2Protocol(raw, limits=limits, allow_hop=relay_service)
+        self.relay = _Relay(raw, limits=limits, allow_hop=relay_service)
         self.transport = CircuitV2Transport(raw, self.relay, RelayConfig(roles=RelayRole.STOP, limits=limits))
         self.autonat = _AutoNAT(raw, serve=False, confirmations=config.AUTONAT_MIN_CONFIRMATIONS)
+        timeout = int(config.DCUTR_READ_TIMEOUT_S)
+        self.dcutr = _DCUtR(raw, read_timeout=timeout, write_timeout=timeout,
+                            dial_timeout=int(config.DIAL_ADDR_TIMEOUT_S))
 
     async def start(self, stack: AsyncExitStack) -> None:
         await stack.enter_async_context(background_trio_service(self.relay))
         with trio.move_on_after(config.HOST_CLOSE_TIMEOUT_S):
             await self.relay.event_started.wait()
+        await stack.enter_async_context(background_trio_service(self.dcutr))
+        with trio.move_on_after(config.HOST_CLOSE_TIMEOUT_S):
+            await self.dcutr.event_started.wait()
         handlers = {STOP_PROTOCOL_ID: self.relay._handle_stop_stream,
-                    AUTONAT_PROTOCOL_ID: self.autonat.handle_stream}
+                    AUTONAT_PROTOCOL_ID: self.autonat.handle_stream,
+                    DCUTR_PROTOCOL_ID: self.dcutr._handle_dcutr_stream}
         for pid, fn in handlers.items():
             self.raw.set_stream_handler(TProtocol(pid), _safe(fn, str(pid)))
         if self.relay_service:  # a HOP stream carries its circuit for as long as the circuit lives
@@ -208,6 +248,35 @@ class Nat:
         if DIRECT in kinds:
             return PUNCHED if peer_id in self._relayed_once else DIRECT
         return RELAYED
+
+    async def punch(self, peer_id: str) -> bool:
+        """Upgrade a relayed connection to a direct one (DCUtR), bounded by DCUTR_TIMEOUT_S; on
+        success close the relayed one. True when we end up directly connected."""
+        if self.reach(peer_id) != RELAYED:
+            return self.reach(peer_id) in (DIRECT, PUNCHED)
+        if not self.dialable_listener():
+            return False  # the peer could not dial us back: no point
+        pid = ID.from_base58(peer_id)
+        with trio.move_on_after(config.DCUTR_TIMEOUT_S):
+            try:
+                await self.dcutr.initiate_hole_punch(pid)
+            except Exception as e:  # noqa: BLE001 - stay relayed
+                log.debug("hole punch %s: %s", peer_id[-8:], e)
+        if self.reach(peer_id) != PUNCHED:
+            return False
+        for conn in list(self.raw.get_network().get_connections(pid)):
+            try:
+                if any(is_circuit(str(a)) for a in conn.get_transport_addresses()):
+                    with trio.move_on_after(config.CLOSE_TIMEOUT_S):
+                        await conn.close()
+            except Exception as e:  # noqa: BLE001 - it may be gone already
+                log.debug("closing relayed connection to %s: %s", peer_id[-8:], e)
+        return self.reach(peer_id) == PUNCHED
+
+    def dialable_listener(self) -> bool:
+        """Whether we listen on an address other than loopback (others could dial us back)."""
+        return any(not a.startswith(("/ip4/127.", "/ip6/::1")) and not is_circuit(a)
+                   for a in map(str, self.raw.get_addrs()))
 
     # -- reachability -----------------------------------------------------------------------------
     async def check(self, peers: list[str], own_addrs: list[str]) -> str:

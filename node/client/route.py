@@ -11,7 +11,14 @@ from llmswarm.models.local import ClientModel
 from llmswarm.node import config
 from llmswarm.node.client.failover import Bans, Replan
 from llmswarm.node.discovery.directory import Directory
-from llmswarm.node.discovery.swarm_view import coverage_gaps, dial_records, live_records, measure_rtts, to_snapshot
+from llmswarm.node.discovery.swarm_view import (
+    coverage_gaps,
+    dial_records,
+    live_records,
+    measure_rtts,
+    punch_holes,
+    to_snapshot,
+)
 from llmswarm.node.errors import WireError
 from llmswarm.node.host import Host
 from llmswarm.node.wire.codec import DTYPES
@@ -45,6 +52,7 @@ async def plan_route(host: Host, directory: Directory, model: ClientModel, solve
     records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
     usable = [r for r in records if r.peer_id not in banned]  # excluded anyway: no dial, no ping timeout
     await dial_records(host, usable)
+    await punch_holes(host, [r.peer_id for r in usable])
     rtts = await measure_rtts(host, [r.peer_id for r in usable])
     reach = {pid: host.reach(pid) for pid in rtts}
     snapshot = to_snapshot(records, name, num_blocks, rtts, reach)

@@ -72,6 +72,17 @@ async def dial_records(host: Host, records: list[ServerRecord]) -> None:
                 nursery.start_soon(one, r)
 
 
+async def punch_holes(host: Host, peer_ids: list[str]) -> None:
+    """Try to turn every relayed connection into a direct one (DCUtR), concurrently, before any
+    session stream is opened on it; those that fail stay relayed. Needs a dialable listener."""
+    if not host.nat.dialable_listener():
+        return
+    async with trio.open_nursery() as nursery:
+        for pid in peer_ids:
+            if host.reach(pid) == "relayed":
+                nursery.start_soon(host.nat.punch, pid)
+
+
 def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: dict[str, float],
                 reach: dict[str, str | None] | None = None) -> Snapshot:
     """`reach`: how we are connected to each server (Host.reach); unknown ones read as their record says."""

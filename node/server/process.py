@@ -259,6 +259,7 @@ async def _measure_next_hops(host: Host, directory: Directory, state: _State, pe
         for r in targets[: config.MAX_RECORD_NEXT_RTTS]:
             try:
                 await host.connect_any(r.peer_id, r.addrs)
+                await host.nat.punch(r.peer_id)  # behind NAT: direct if DCUtR gets through, else relayed
                 rtts[r.peer_id] = statistics.median(await host.ping(r.peer_id, config.NEXT_HOP_PING_COUNT))
             except PeerError:
                 continue
