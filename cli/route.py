@@ -30,18 +30,22 @@ def route(
                          typer.Option(help="Extra objective: hops | risk (repeatable).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON record, nothing else.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a scatter of the front to this PNG.")] = None,
+    relay: Annotated[bool, typer.Option("--relay/--no-relay",
+                                        help="Price chains as `chat` or `chat --no-relay`.")] = True,
+    host: Annotated[str, typer.Option("--host", help="Listen address (0.0.0.0: servers behind NAT can be "
+                                                     "hole-punched to direct connections).")] = "127.0.0.1",
 ) -> None:
     """Show the Pareto front of chains through the swarm and the chain picked from it."""
     from llmswarm.routing import solve
 
-    snap = _load_snapshot(model, peers or [], simulate, seed, snapshot)
+    snap = _load_snapshot(model, peers or [], simulate, seed, snapshot, host)
     if dump:
         snap.dump(dump)
         output.info(f"snapshot written to {dump}")
     objectives = ("latency", "throughput", *(objective or []))
     res = solve(snap, solver, prefer, seed=seed, banned=set(ban or []), need_cache_tokens=need_cache_tokens,
                 time_budget_s=time_budget, pop_size=pop_size, generations=generations, objectives=objectives,
-                exact_weights=exact_weights)
+                exact_weights=exact_weights, relay=relay)
     record = _record(res, snap)
     if plot:
         _plot(res, plot, snap, banned=set(ban or []), need_cache_tokens=need_cache_tokens)
@@ -112,7 +116,8 @@ def bench_route(
                          f"min latency in all runs: {all(r['dijkstra_matches_exact'] for r in rows)}[/dim]")
 
 
-def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int, snapshot: Path | None):
+def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int, snapshot: Path | None,
+                   listen_host: str = "127.0.0.1"):
     from llmswarm.routing import RoutingError, Snapshot
     from llmswarm.routing.simulate import parse_size, simulate_swarm
 
@@ -133,7 +138,7 @@ def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int
     from llmswarm.node.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()  # py-libp2p's warnings are not the user's business
-    return trio.run(fetch_snapshot, model, peers)  # the node layer bounds its own waits
+    return trio.run(fetch_snapshot, model, peers, listen_host)  # the node layer bounds its own waits
 
 
 def _record(res, snap) -> dict:

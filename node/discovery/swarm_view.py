@@ -99,18 +99,20 @@ def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: 
     return Snapshot(num_blocks=num_blocks, servers=servers, model=model)
 
 
-async def fetch_snapshot(model: str, peers: list[str]) -> Snapshot:
-    """A snapshot of `model`'s swarm as seen from here: for `llmswarm route` on a live swarm."""
+async def fetch_snapshot(model: str, peers: list[str], listen_host: str = config.DEFAULT_LISTEN_HOST) -> Snapshot:
+    """A snapshot of `model`'s swarm as seen from here: for `llmswarm route` on a live swarm. With a
+    dialable `listen_host`, relayed servers are hole-punched first where DCUtR gets through."""
     from llmswarm.models.registry import resolve
     from llmswarm.node.discovery.directory import open_directory
     from llmswarm.node.host import ephemeral_host
 
     require_peers(peers)
     name = resolve(model).name
-    async with ephemeral_host() as host, open_directory(host, peers, [name], gossip=False) as d:
+    async with ephemeral_host(listen_host=listen_host) as host, open_directory(host, peers, [name], gossip=False) as d:
         records = live_records(d.records(name), name)
         if not records:
             raise NodeError(f"no server announces {name} on this swarm yet")
         await dial_records(host, records)
+        await punch_holes(host, [r.peer_id for r in records])
         rtts = await measure_rtts(host, [r.peer_id for r in records])
         return to_snapshot(records, name, records[0].num_blocks, rtts, {p: host.reach(p) for p in rtts})
