@@ -1,7 +1,8 @@
 """A server behind the bed's NAT router (iptables masquerade, every connection from outside dropped)
 joins with no configuration: AutoNAT finds it private, it reserves a circuit-relay slot on the
 bootstrap peer, announces its relay address, and serves chats through the relay (from the client,
-and from the server before it, by LINK), token-identical to `chat --local`. Needs root and `ip
+and from the server before it, by LINK), token-identical to `chat --local`; then a client that
+listens on a dialable address upgrades to a hole-punched direct connection (DCUtR) and chats again. Needs root and `ip
 netns`; skipped elsewhere with the reason."""
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ def test_server_behind_nat_serves_through_the_relay(smollm2, local, tmp_path):
         hops = {h["peer_id"]: h["reach"] for h in route["chosen"]["chain"]}
         assert hops == {s0: "direct", home: "relayed"}  # reached through boot's relay, and shown so
 
-        for args in ((), ("--no-relay",)):  # s0 LINKs to home through the relay; or the client does each hop
-            answer = _json(bed, "client", "chat", *PROMPT, "--peers", swarm.peers[0], *args)
-            assert answer["token_ids"] == local["token_ids"]
-        res = bed.run("client", llmswarm_command("status", "--once", "--model", MODEL, "--peers", swarm.peers[0]),
-                      timeout_s=60)
-        assert "relayed" in res.stdout, res.stdout  # the table says so too
+        # s0 LINKs to home through the relay; home's output comes back to the client through it too
+        assert _json(bed, "client", "chat", *PROMPT, "--peers", swarm.peers[0])["token_ids"] == local["token_ids"]
+
+        # DCUtR: a client listening on a dialable address upgrades the relayed connection before it
+        # opens sessions (the server behind NAT dials it back from its listen port, through the NAT).
+        res = bed.run("client", llmswarm_command("chat", *PROMPT, "--peers", swarm.peers[0], "--host", "0.0.0.0",
+                                                 "--show-route"), timeout_s=150)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout)["token_ids"] == local["token_ids"]
+        assert "home (hole-punched) [15:30)" in res.stderr, res.stderr[-1000:]
