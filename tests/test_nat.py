@@ -185,3 +185,45 @@ def _stock_handler(host):
     from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
 
     return AUTONAT_PROTOCOL_ID, AutoNATService(host.libp2p, serve=False).handle_stream
+
+
+def test_a_woken_announcer_publishes_at_once_not_a_period_later():
+    from llmswarm.node.discovery.directory import announce_forever
+
+    kp = create_new_key_pair()
+    pid = ID.from_pubkey(kp.public_key).to_base58()
+    published: list[ServerRecord] = []
+    nudge = {"event": trio.Event()}
+
+    class Directory:
+        async def publish(self, data: bytes) -> None:
+            published.append(verify_record(data))
+
+    async def woken() -> None:
+        await nudge["event"].wait()
+        nudge["event"] = trio.Event()
+
+    rtts = {"next": 0.010}
+
+    def make_record() -> ServerRecord:
+        return _rec(pid, [f"/ip4/10.0.0.1/tcp/1/p2p/{pid}"]).stamped(60, next_rtts=dict(rtts))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: announce_forever(Directory(), make_record, kp.private_key, 3600.0,
+                                                        ttl_s=60.0, woken=woken))
+            with trio.fail_after(5.0):
+                while not published:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            assert len(published) == 1  # and then it waits (an hour, unless woken)
+            rtts["next"] = 0.050  # the link to our next hop changed; the next-hop loop wakes us
+            nudge["event"].set()
+            with trio.fail_after(5.0):  # an announce period is an hour here
+                while len(published) < 2:
+                    await trio.sleep(0.01)
+            assert published[-1].next_rtts == {"next": 0.050}
+            nursery.cancel_scope.cancel()
+        assert published[-1].state == "offline"
+
+    trio.run(main)
