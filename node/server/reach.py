@@ -16,7 +16,7 @@ from llmswarm.node.discovery.directory import Directory
 from llmswarm.node.discovery.swarm_view import live_records
 from llmswarm.node.errors import PeerError
 from llmswarm.node.host import Host
-from llmswarm.node.nat import is_circuit
+from llmswarm.node.nat import is_circuit, relay_of
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ async def _hold_reservations(host: Host, directory: Directory, model: str, wake:
             await host.connect_any(relay_id, [addr])
         except PeerError as e:
             log.debug("relay %s unreachable: %s", relay_id[-8:], e)
+            nat.relay_addrs = [a for a in nat.relay_addrs if relay_of(a) != relay_id]  # stop announcing it
             continue
         held += bool(await nat.reserve(relay_id, addr))
     if nat.relay_addrs != before:
