@@ -31,6 +31,9 @@ def chat(
     solver: str = typer.Option(config.DEFAULT_SOLVER, "--solver", help="Route solver: nsga2 | exact | dijkstra."),
     prefer: str = typer.Option(config.DEFAULT_PREFER, "--prefer", help="latency | throughput | balanced."),
     identity: str = typer.Option(None, "--identity", help="Key file for this node's peer id."),
+    host: str = typer.Option(config.DEFAULT_LISTEN_HOST, "--host",
+                             help="Address to listen on; 0.0.0.0 lets servers behind NAT upgrade to direct "
+                                  "connections (hole punching)."),
     step_timeout: float = typer.Option(config.STEP_TIMEOUT_S, "--step-timeout", min=0.1,
                                        help="Seconds a server may take for one step before it is replaced."),
     relay: bool = typer.Option(True, "--relay/--no-relay",
@@ -48,7 +51,7 @@ def chat(
                        temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=check_device(device),
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
-                       wire_dtype=wire_dtype, exact_weights=exact_weights)
+                       listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights)
     run_chat_rendered(opts, json_out)
 
 

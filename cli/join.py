@@ -42,6 +42,11 @@ def join(
                                             help="Multiaddr others can dial (a forwarded port); repeatable."),
     rebalance_period: float = typer.Option(config.REBALANCE_PERIOD_S, "--rebalance-period", min=0.0,
                                            help="Seconds between checks whether to move to weaker blocks (0: never)."),
+    reachability: str = typer.Option("auto", "--reachability",
+                                      help="auto | public | private: auto asks peers to dial back (AutoNAT); "
+                                           "private serves through a relay (circuit relay v2)."),
+    relay_service: bool = typer.Option(False, "--relay-service",
+                                       help="Also relay for servers behind NAT (useful on a public server)."),
     json_out: bool = typer.Option(False, "--json", help="Print the ready record as JSON on stdout."),
 ) -> None:
     """Serve a span of a model's blocks to the swarm until Ctrl-C."""
@@ -54,13 +59,15 @@ def join(
         raise typer.BadParameter("give --blocks or --num-blocks, not both")
     device = check_device(device)
     check_quant(quant, device)
+    if reachability not in ("auto", "public", "private"):
+        raise typer.BadParameter(f"--reachability {reachability!r}: use auto, public or private")
     quiet_libp2p_logging()
     opts = ServeOptions(model=model, blocks=parse_blocks(blocks), num_blocks=num_blocks, peers=split_peers(peers),
                         port=port, listen_host=host, device=device, dtype=dtype, public_name=public_name,
                         max_sessions=max_sessions, peer_share=peer_share, cache_tokens=cache_tokens,
                         announce_period_s=announce_period,
                         identity=identity, rebalance_period_s=rebalance_period, quant=quant,
-                        announce_addrs=announce_addr)
+                        announce_addrs=announce_addr, reachability=reachability, relay_service=relay_service)
     with output.progress(True) as report:
         trio.run(serve, opts, _JoinEvents(report, json_out))
 
@@ -106,6 +113,8 @@ def bootstrap(
     identity: str = typer.Option(None, "--identity", help="Key file (default: a free one in the user's data dir)."),
     announce_addr: list[str] = typer.Option([], "--announce-addr",
                                             help="Multiaddr others can dial (a forwarded port); repeatable."),
+    relay_service: bool = typer.Option(True, "--relay-service/--no-relay-service",
+                                       help="Relay for servers behind NAT (circuit relay v2; on by default)."),
 ) -> None:
     """Run a node that only helps others meet; prints its multiaddr on the first line."""
     import trio
@@ -120,7 +129,7 @@ def bootstrap(
         async with trio.open_nursery() as nursery:
             addr = await nursery.start(lambda task_status: run_bootstrap(
                 port, identity, task_status, listen_host=host, peers=split_peers(peers),
-                announce_addrs=announce_addr))
+                announce_addrs=announce_addr, relay_service=relay_service))
             output.console.print(addr, soft_wrap=True)
             output.err.print("bootstrap peer running: give the line above to `join` and `chat` as --peers; "
                              "Ctrl-C stops")

@@ -30,18 +30,22 @@ def route(
                          typer.Option(help="Extra objective: hops | risk (repeatable).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON record, nothing else.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a scatter of the front to this PNG.")] = None,
+    relay: Annotated[bool, typer.Option("--relay/--no-relay",
+                                        help="Price chains as `chat` or `chat --no-relay`.")] = True,
+    host: Annotated[str, typer.Option("--host", help="Listen address (0.0.0.0: servers behind NAT can be "
+                                                     "hole-punched to direct connections).")] = "127.0.0.1",
 ) -> None:
     """Show the Pareto front of chains through the swarm and the chain picked from it."""
     from llmswarm.routing import solve
 
-    snap = _load_snapshot(model, peers or [], simulate, seed, snapshot)
+    snap = _load_snapshot(model, peers or [], simulate, seed, snapshot, host)
     if dump:
         snap.dump(dump)
         output.info(f"snapshot written to {dump}")
     objectives = ("latency", "throughput", *(objective or []))
     res = solve(snap, solver, prefer, seed=seed, banned=set(ban or []), need_cache_tokens=need_cache_tokens,
                 time_budget_s=time_budget, pop_size=pop_size, generations=generations, objectives=objectives,
-                exact_weights=exact_weights)
+                exact_weights=exact_weights, relay=relay)
     record = _record(res, snap)
     if plot:
         _plot(res, plot, snap, banned=set(ban or []), need_cache_tokens=need_cache_tokens)
@@ -112,7 +116,8 @@ def bench_route(
                          f"min latency in all runs: {all(r['dijkstra_matches_exact'] for r in rows)}[/dim]")
 
 
-def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int, snapshot: Path | None):
+def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int, snapshot: Path | None,
+                   listen_host: str = "127.0.0.1"):
     from llmswarm.routing import RoutingError, Snapshot
     from llmswarm.routing.simulate import parse_size, simulate_swarm
 
@@ -130,15 +135,20 @@ def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int
                            "available yet; use --simulate SERVERSxBLOCKS or --snapshot FILE") from None
     if not model:
         raise typer.BadParameter("--model is required to route through the live swarm")
-    return trio.run(fetch_snapshot, model, peers)  # the node layer bounds its own waits
+    from llmswarm.node.host import quiet_libp2p_logging
+
+    quiet_libp2p_logging()  # py-libp2p's warnings are not the user's business
+    return trio.run(fetch_snapshot, model, peers, listen_host)  # the node layer bounds its own waits
 
 
 def _record(res, snap) -> dict:
     quant = {s.peer_id: s.quant for s in snap.servers}
+    reach = {s.peer_id: s.reach for s in snap.servers}
 
     def point(r):
         return {"latency_s": r.latency_s, "throughput": r.throughput, "hops": r.hops, "risk": r.risk,
-                "chain": [{"peer_id": h.peer_id, "start": h.start, "end": h.end, "quant": quant.get(h.peer_id, "none")}
+                "chain": [{"peer_id": h.peer_id, "start": h.start, "end": h.end, "quant": quant.get(h.peer_id, "none"),
+                           "reach": reach.get(h.peer_id, "direct")}
                           for h in r.chain]}
 
     return {"model": snap.model, "num_blocks": snap.num_blocks, "servers": len(snap.servers),
@@ -158,7 +168,8 @@ def _render(record: dict) -> None:
     for p in record["front"]:
         mark = "*" if p == chosen else ""
         chain = " > ".join(f"{_short(h['peer_id'])}:{h['start']}-{h['end']}"
-                           + ("" if h.get("quant", "none") == "none" else f"[{h['quant']}]") for h in p["chain"])
+                           + ("" if h.get("quant", "none") == "none" else f"[{h['quant']}]")
+                           + ("" if h.get("reach", "direct") == "direct" else f" ({h['reach']})") for h in p["chain"])
         table.add_row(mark, f"{p['latency_s'] * 1000:.1f}", f"{p['throughput']:.1f}", str(p["hops"]), chain)
     output.console.print(table)
     output.console.print(f"[bold]chosen[/bold]: {chosen['latency_s'] * 1000:.1f} ms/step, "

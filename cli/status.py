@@ -144,7 +144,7 @@ def _servers_table(servers: list[dict[str, Any]]) -> Any:
 
     table = Table(title="servers", title_justify="left", expand=False)
     right = {"throughput", "rtt", "cache left", "sessions"}
-    for col in ("server", "peer", "model", "span", "weights", "state", "throughput", "rtt", "cache left",
+    for col in ("server", "peer", "model", "span", "weights", "state", "reach", "throughput", "rtt", "cache left",
                 "sessions", "load", "version"):
         table.add_column(col, justify="right" if col in right else "left", no_wrap=col in ("server", "state"))
     colours = {"online": "green", "joining": "yellow", "offline": "red", "gone": "red"}
@@ -152,7 +152,8 @@ def _servers_table(servers: list[dict[str, Any]]) -> Any:
         dead = s["state"] in ("offline", "gone")
         rtt = f"{s['rtt_s'] * 1000:.2f} ms" if s["rtt_s"] is not None else "-"
         table.add_row(s["public_name"] or "-", s["peer_id"][-8:], s["model"], f"{s['start']}:{s['end']}", _weights(s),
-                      f"[{colours.get(s['state'], 'white')}]{s['state']}[/]", f"{s['throughput']:.1f} tok/s",
+                      f"[{colours.get(s['state'], 'white')}]{s['state']}[/]", s.get("reach", "direct"),
+                      f"{s['throughput']:.1f} tok/s",
                       rtt, str(s["cache_tokens_left"]), str(s["sessions"]), _load(s["health"]),
                       s["version"] or "-", style="dim" if dead else None)
     return table

@@ -78,6 +78,40 @@ MIN_FRAME_BYTES_PER_S = 1_000_000
 PEER_SHARE = 0.5
 
 # --------------------------------------------------------------------------------------------------
+# Behind NAT (node/nat.py, node/server/reach.py): AutoNAT, circuit relay v2, DCUtR
+# --------------------------------------------------------------------------------------------------
+# A small swarm has one or two bootstrap peers: one honest dial-back (on a fresh connection, checked
+# by a Noise handshake) proves an address works, so one answer decides (the AutoNAT spec's 4 is for
+# swarms with many servers to ask).
+AUTONAT_MIN_CONFIRMATIONS = 1
+AUTONAT_MAX_PEERS = 4  # peers asked to dial us back per check (bootstrap peers first)
+AUTONAT_MAX_DIAL_BACKS = 4  # addresses (observed IP x advertised TCP ports) one dial-back request may cost
+AUTONAT_DIAL_BACK_TIMEOUT_S = 3.0  # one dial-back: TCP + Noise, ~4 RTTs at 150 ms + a lost SYN (as DIAL_ADDR_TIMEOUT_S)
+AUTONAT_QUERY_TIMEOUT_S = 15.0  # a whole query: stream open + the peer's dial-backs (up to 4 x 3 s) + slack
+# Until reachability is known (no bootstrap peer connected yet, no answer) or while private with no
+# relay slot, a server tries again this often: it cannot be reached until then.
+REACH_RETRY_S = 2.0
+REACHABILITY_RECHECK_S = 300.0  # a server re-asks this often (a home router's mapping can change)
+NAT_HANDLER_TIMEOUT_S = 30.0  # life of one AutoNAT, STOP or DCUtR exchange (the HOP side lives as long as its circuit)
+# What a relay (bootstrap peers by default, `join --relay-service`) gives each reservation: a circuit
+# carries a whole chat (smollm2: ~2.3 KB of hidden states per token per hop; a 70B model ~16 KB), so
+# the caps are there against abuse, not to ration chats.
+RELAY_CIRCUIT_MAX_S = 24 * 3600  # one circuit's life (a long chat session), then the client re-dials
+RELAY_CIRCUIT_MAX_BYTES = 16 * 1024**3  # one circuit's data, both directions
+RELAY_MAX_CIRCUITS_PER_PEER = 64  # open circuits to one reserved peer (clients and previous servers)
+RELAY_MAX_RESERVATIONS = 128  # servers one relay serves at once
+RELAY_RESERVATION_TTL_S = 3600  # a reservation's validity; renewed every RELAY_RESERVATION_REFRESH_S
+RELAY_RESERVATION_REFRESH_S = 60.0  # a private server renews (and re-dials a lost relay) this often
+RELAY_RESERVE_TIMEOUT_S = 5.0  # stream open + RESERVE + answer: ~3 RTTs + losses
+RELAY_MAX_RESERVED = 2  # relays a private server reserves on (one may go away)
+CIRCUIT_DIAL_TIMEOUT_S = 6.0  # relay CONNECT + STOP + Noise + yamux over two links: ~8 RTTs (1.2 s) + losses
+# One DCUtR attempt: the exchange through the relay plus py-libp2p's first 5 s round of dials (it
+# would run 3 rounds, 17 s): a chat that cannot punch through starts relayed after this, no later.
+# On the WAN bed a punch that works takes ~0.4 s.
+DCUTR_TIMEOUT_S = 6.0
+DCUTR_READ_TIMEOUT_S = 10.0  # one DCUtR message over the relayed stream: ~2 RTTs through a relay + losses
+
+# --------------------------------------------------------------------------------------------------
 # Wire format (node/wire.py)
 # --------------------------------------------------------------------------------------------------
 WIRE_VERSION = 2  # 2: relay (LINK/ATTACH), step seq numbers, wire dtype
@@ -128,6 +162,16 @@ NEXT_HOP_PING_COUNT = 3  # PINGs per next-hop server when measuring RTTs for our
 # A server with a next hop not yet found or not reachable measures again after this long instead of a
 # whole announce period (30 s), so its record carries real server-to-server RTTs soon after it joins.
 NEXT_HOP_RETRY_S = 2.0
+# A server measures its next hops this fraction of an announce period apart and republishes at once
+# when they changed (node/server/pace.py: a hop appeared or vanished, or an RTT moved by more than
+# NEXT_HOP_CHANGE_FRACTION and NEXT_HOP_CHANGE_FLOOR_S): records are fresh within one announce period.
+NEXT_HOP_REFRESH_FRACTION = 0.5
+NEXT_HOP_CHANGE_FRACTION = 0.2  # 20%: the solver's estimates are asked to be within 15%
+NEXT_HOP_CHANGE_FLOOR_S = 0.003  # below ~3 ms, a change is jitter of Python's stack, not the link
+# Announced speed follows served decode steps: an exponential average with this weight per batch
+# (~10 steps to move most of the way: a 24-token chat re-measures a server that was slow at startup).
+SERVED_SPEED_ALPHA = 0.1
+ANNOUNCE_MIN_GAP_S = 0.5  # a woken announcer (reachability, next hops changed) republishes at most this often
 CLIENT_PING_COUNT = 3  # PINGs per candidate server before a client routes
 COVERAGE_WAIT_S = 20.0  # how long `chat` waits for the swarm to cover every block
 BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each further failure

@@ -11,6 +11,12 @@ Latency of one decode step (seconds, additive along the chain):
   + sum over servers j entered at block p of (end_j - p) / inference_rps_j      (compute)
   + sum over hops i -> j of rtt(i, j)/2 + hop_overhead_s                        (network + serialise)
   + rtt(last, client)/2
+Without relay (`chat --no-relay`) every hop goes back through the client: a hop i -> j costs
+rtt(i, client)/2 + rtt(client, j)/2 + hop_overhead_s, so a chain costs the sum of its servers' client
+RTTs plus compute; server-to-server RTTs play no part. A server reached through a circuit relay
+(`reach` "relayed") is charged what its measured RTTs through the relay show, plus
+RELAYED_OVERHEAD_S each time a step's hidden states pass through the relay: on every hop into it
+(client or previous server dial it through the relay), and on its output back to the client.
 Unknown RTTs are estimated, in this order: measured next_rtts (either direction); the snapshot's
 region table; rtt_client_i + rtt_client_j (the triangle bound, right for one-machine swarms);
 DEFAULT_RTT_S. Throughput of a chain is the minimum announced throughput of its servers.
@@ -27,14 +33,17 @@ from .swarm import Hop, Route, Snapshot
 
 DEFAULT_RTT_S = 0.15  # an unmeasured round trip: a transatlantic guess, so unknown peers look far
 HOP_OVERHEAD_S = 0.002  # serialise + deserialise one step's hidden states at a hop
-
+# A relay (py-libp2p circuit relay v2) copies each frame between two yamux streams in Python: ~1 ms
+# per pass on 2 busy cores, beyond the link delays that RTTs measured through it already include.
+RELAYED_OVERHEAD_S = 0.001
 
 class ChainGraph:
     """Eligible servers as arrays, and per-position hop costs. Index k = position, j = server."""
 
     def __init__(self, snap: Snapshot, *, banned: frozenset[str] | set[str] = frozenset(),
                  need_cache_tokens: int = 0, default_rtt_s: float = DEFAULT_RTT_S,
-                 hop_overhead_s: float = HOP_OVERHEAD_S, exact_weights: bool = False):
+                 hop_overhead_s: float = HOP_OVERHEAD_S, exact_weights: bool = False, relay: bool = True,
+                 relayed_overhead_s: float = RELAYED_OVERHEAD_S):
         self.num_blocks = L = snap.num_blocks
         self.excluded = _excluded(snap, banned, need_cache_tokens, exact_weights)
         cands = [s for s in snap.servers if s.peer_id not in self.excluded]
@@ -49,6 +58,10 @@ class ChainGraph:
         self.risk = np.array([-math.log(s.availability) for s in self.servers])
         rtt = np.array([np.nan if s.rtt_s is None else s.rtt_s for s in self.servers])
         self.client_half = np.where(np.isnan(rtt), default_rtt_s, rtt) / 2
+        # a relayed server: hidden states to it, and its output to the client, pass through the relay;
+        # 16-byte pings measured the link, not the copy of a whole frame in the relay's Python loop
+        self.via_relay = np.array([relayed_overhead_s if s.reach == "relayed" else 0.0 for s in self.servers])
+        self.client_half = self.client_half + self.via_relay
         self.finishes = self.end == L
 
         # positions: block 0 and every span end short of L (all reachable after pruning)
@@ -67,7 +80,12 @@ class ChainGraph:
         rtt_fn = _RttModel(snap, self.servers, rtt, default_rtt_s)
         self.hop = []  # hop[k][row, col]: rtt/2 + overhead from enders[k][row] to covers[k][col]
         for k in range(P):
-            self.hop.append(rtt_fn.pairs(self.enders[k], self.covers[k]) / 2 + hop_overhead_s)
+            rows, cols = self.enders[k], self.covers[k]
+            if relay:
+                cost = rtt_fn.pairs(rows, cols) / 2 + self.via_relay[cols][None, :]
+            else:  # back to the client, then out to the next server
+                cost = self.client_half[rows][:, None] + self.client_half[cols][None, :]
+            self.hop.append(cost + hop_overhead_s)
 
         # flat layout for vectorised lookups (NSGA-II decode): hop[k][r, c] = flat_hop[off[k] + r*nc + c]
         self.row_in_enders = np.zeros(S, dtype=np.int64)

@@ -35,11 +35,12 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
           objectives: tuple[str, ...] = ("latency", "throughput"), nsga_seeds: tuple[str, ...] = SEED_KINDS,
           nsga_options: dict | None = None,
           default_rtt_s: float = DEFAULT_RTT_S, hop_overhead_s: float = HOP_OVERHEAD_S,
-          exact_weights: bool = False) -> SolveResult:
+          exact_weights: bool = False, relay: bool = True) -> SolveResult:
     """Route one session through snap. Raises NoRouteError if the eligible servers leave a block
     uncovered, RoutingError on bad arguments. time_budget_s bounds NSGA-II only (None: run all
     generations; a budget that cuts generations makes runs depend on machine speed). exact_weights:
-    leave out servers that announce quantised weights (they are listed in `excluded`)."""
+    leave out servers that announce quantised weights (they are listed in `excluded`). relay: the
+    session hands hidden states server to server (False: `chat --no-relay`, every hop via the client)."""
     if solver not in SOLVERS:
         raise RoutingError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if prefer not in PREFERENCES:
@@ -50,7 +51,8 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
         raise RoutingError(f"objectives must be latency, throughput and any of hops, risk; got {objectives}")
     t0 = time.perf_counter()
     g = ChainGraph(snap.validate(), banned=frozenset(banned), need_cache_tokens=need_cache_tokens,
-                   default_rtt_s=default_rtt_s, hop_overhead_s=hop_overhead_s, exact_weights=exact_weights)
+                   default_rtt_s=default_rtt_s, hop_overhead_s=hop_overhead_s, exact_weights=exact_weights,
+                   relay=relay)
     details: dict = {"servers_in_graph": len(g.servers), "graph_time_s": time.perf_counter() - t0}
     if solver == "dijkstra":
         front = [dijkstra_route(g)]

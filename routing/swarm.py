@@ -17,6 +17,7 @@ from typing import Any
 from .errors import RoutingError
 
 SNAPSHOT_FORMAT = "llmswarm.snapshot/1"
+REACHES = ("direct", "relayed", "hole-punched")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ServerInfo:
     region: str | None = None  # key into Snapshot.region_rtts, used where no RTT was measured
     availability: float = 1.0  # probability it stays up for the session; risk = -log(availability)
     quant: str = "none"  # how its weights are stored: "none" (exact), "int8", "nf4", ...
+    reach: str = "direct"  # how the client reaches it: "direct", "relayed" (circuit relay), "hole-punched"
 
     @property
     def exact_weights(self) -> bool:
@@ -98,6 +100,8 @@ class Snapshot:
                 rec["availability"] = s.availability
             if s.quant != "none":
                 rec["quant"] = s.quant
+            if s.reach != "direct":
+                rec["reach"] = s.reach
             servers.append(rec)
         return {"format": SNAPSHOT_FORMAT, "model": self.model, "num_blocks": self.num_blocks,
                 "region_rtts": self.region_rtts, "servers": servers}
@@ -202,6 +206,10 @@ def _server_from_dict(rec: Any, i: int) -> ServerInfo:
         opt["cache_tokens_left"] = _field(rec, "cache_tokens_left", int, where)
     if rec.get("rtt_s") is not None:
         opt["rtt_s"] = _field(rec, "rtt_s", float, where)
+    if rec.get("reach") is not None:
+        if rec["reach"] not in REACHES:
+            raise RoutingError(f"snapshot {where} reach must be one of {', '.join(REACHES)}, got {rec['reach']!r}")
+        opt["reach"] = rec["reach"]
     for key in ("public_name", "region", "quant"):
         if rec.get(key) is not None:
             opt[key] = str(rec[key])

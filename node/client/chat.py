@@ -52,6 +52,7 @@ class ChatOptions:
     identity: str | None = None
     step_timeout: float = config.STEP_TIMEOUT_S
     relay: bool = True
+    listen_host: str = config.DEFAULT_LISTEN_HOST  # where the client's host listens
     wire_dtype: str | None = None
     exact_weights: bool = False  # route only through servers with full-precision weights
 
@@ -100,13 +101,15 @@ def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
 async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents) -> None:
     quiet_libp2p_logging()
     # A client needs no stable peer id unless the user asks for one (--identity FILE).
-    host_cm = open_host(opts.identity) if opts.identity else ephemeral_host()
+    listen = opts.listen_host  # 0.0.0.0: a server behind NAT can dial us back (hole punching)
+    host_cm = open_host(opts.identity, listen_host=listen) if opts.identity else ephemeral_host(listen_host=listen)
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
-                                         exact_weights=opts.exact_weights)
+                                         exact_weights=opts.exact_weights, relay=opts.relay)
         if opts.show_route:
             events.route(route_lines(result, names))
-        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights)
+        replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights,
+                             opts.relay)
         async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
                                 model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:

@@ -11,7 +11,14 @@ from llmswarm.models.local import ClientModel
 from llmswarm.node import config
 from llmswarm.node.client.failover import Bans, Replan
 from llmswarm.node.discovery.directory import Directory
-from llmswarm.node.discovery.swarm_view import coverage_gaps, dial_records, live_records, measure_rtts, to_snapshot
+from llmswarm.node.discovery.swarm_view import (
+    coverage_gaps,
+    dial_records,
+    live_records,
+    measure_rtts,
+    punch_holes,
+    to_snapshot,
+)
 from llmswarm.node.errors import WireError
 from llmswarm.node.host import Host
 from llmswarm.node.wire.codec import DTYPES
@@ -38,22 +45,27 @@ async def wait_for_coverage(directory: Directory, model: str, num_blocks: int,
 async def plan_route(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
                      max_length: int, banned: frozenset[str] = frozenset(),
                      coverage_wait_s: float = config.COVERAGE_WAIT_S,
-                     exact_weights: bool = False) -> tuple[SolveResult, dict[str, str]]:
+                     exact_weights: bool = False, relay: bool = True) -> tuple[SolveResult, dict[str, str]]:
+    """Measure the live servers and solve; `relay=False` (`--no-relay`) prices every hop through the
+    client. `names` says how each server is called and reached (e.g. "home (relayed)")."""
     name, num_blocks = model.spec.name, model.cfg.num_blocks
     records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
     usable = [r for r in records if r.peer_id not in banned]  # excluded anyway: no dial, no ping timeout
     await dial_records(host, usable)
+    await punch_holes(host, [r.peer_id for r in usable])
     rtts = await measure_rtts(host, [r.peer_id for r in usable])
-    snapshot = to_snapshot(records, name, num_blocks, rtts)
+    reach = {pid: host.reach(pid) for pid in rtts}
+    snapshot = to_snapshot(records, name, num_blocks, rtts, reach)
     result = solve(snapshot, solver=solver, prefer=prefer, seed=0, banned=banned, need_cache_tokens=max_length,
-                   time_budget_s=config.CHAT_SOLVE_BUDGET_S, exact_weights=exact_weights)
+                   time_budget_s=config.CHAT_SOLVE_BUDGET_S, exact_weights=exact_weights, relay=relay)
     names = {r.peer_id: (r.public_name or r.peer_id[-8:]) + (f" ({r.quant})" if r.quant != "none" else "")
+             + (f" ({reach[r.peer_id]})" if reach.get(r.peer_id) not in (None, "direct") else "")
              for r in records}
     return result, names
 
 
 def make_replan(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
-                max_length: int, exact_weights: bool = False) -> Replan:
+                max_length: int, exact_weights: bool = False, relay: bool = True) -> Replan:
     """How a session finds a new chain after a failure: without the banned servers, except those that
     died and answer again (restarted), waiting up to FAILOVER_WAIT_S for a route to exist."""
     name = model.spec.name
@@ -64,7 +76,7 @@ def make_replan(host: Host, directory: Directory, model: ClientModel, solver: st
             await directory.refresh()
             try:
                 result, _ = await plan_route(host, directory, model, solver, prefer, max_length, bans.active(),
-                                             coverage_wait_s=0.0, exact_weights=exact_weights)
+                                             coverage_wait_s=0.0, exact_weights=exact_weights, relay=relay)
                 return result.chosen.chain
             except NoRouteError as e:
                 if time.monotonic() > deadline:

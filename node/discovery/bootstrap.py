@@ -20,12 +20,15 @@ async def run_bootstrap(
     listen_host: str = config.DEFAULT_LISTEN_HOST,
     peers: list[str] | None = None,
     announce_addrs: list[str] | None = None,
+    relay_service: bool = True,
 ) -> None:
     """Serve until cancelled. Reports the full multiaddr (…/p2p/<id>) via task_status.started.
     `peers`: other bootstrap peers to exchange snapshots with (a small replicated registry).
     The reported address is the first one the host announces: with a wildcard listen address, an
-    interface address (never 0.0.0.0), or the first `announce_addrs`."""
-    async with open_host(identity_path, port=port, listen_host=listen_host, announce_addrs=announce_addrs) as host:
+    interface address (never 0.0.0.0), or the first `announce_addrs`. `relay_service`: give servers
+    behind NAT a circuit-relay slot (on by default: every server and client already reaches us)."""
+    async with open_host(identity_path, port=port, listen_host=listen_host, announce_addrs=announce_addrs,
+                         relay_service=relay_service) as host:
         async with open_directory(host, peers or [], models=None, require_reachable=False):
             task_status.started(host.addrs[0])
             await trio.sleep_forever()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -305,9 +305,11 @@ async def announce_forever(
     private_key: Any,
     period_s: float = config.ANNOUNCE_PERIOD_S,
     ttl_s: float | None = None,
+    woken: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Publish a fresh record every `period_s` until cancelled; then publish it once more with
-    state "offline" (shielded, bounded) so clients stop routing to us at once."""
+    state "offline" (shielded, bounded) so clients stop routing to us at once. `woken()` returns
+    when something in the record changed (reachability, next-hop RTTs): publish then, not later."""
     ttl_s = period_s * config.RECORD_TTL_FACTOR if ttl_s is None else ttl_s
     last: ServerRecord | None = None
     mine: list[int] = []  # the seqs we signed: a newer one we did not sign is another live process's
@@ -319,7 +321,9 @@ async def announce_forever(
                 await d.publish(sign_record(last, private_key))
             except NodeError as e:
                 log.warning("announcing failed: %s", e)
-            await trio.sleep(period_s)
+            with trio.move_on_after(period_s):
+                await (woken() if woken is not None else trio.sleep_forever())
+                await trio.sleep(config.ANNOUNCE_MIN_GAP_S)
             _check_no_twin(d, last, mine)
     finally:
         if last is not None:
@@ -335,7 +339,7 @@ async def announce_forever(
 def _check_no_twin(d: Directory, ours: ServerRecord, mine: list[int]) -> None:
     """Two live processes with one key (a key file copied to another machine) announce under one peer
     id: clients then reach either at random. The newest record under our id must be one we signed."""
-    held = next((r for r in d.store.records(ours.model) if r.peer_id == ours.peer_id), None)
+    held = next((r for r in d.records(ours.model) if r.peer_id == ours.peer_id), None)
     if held is not None and held.seq > mine[0] and held.seq not in mine:
         raise DuplicatePeerError(
             f"another live process announces peer id {ours.peer_id} (its record lists {', '.join(held.addrs[:2])}):"

@@ -31,6 +31,7 @@ from llmswarm.node.errors import WireError
 ENVELOPE_VERSION = 1
 DOMAIN = b"llmswarm-server-record-v1\n"  # signatures cannot be replayed as another kind of message
 STATES = ("joining", "online", "offline")
+REACHES = ("direct", "relayed")
 QUANT_NAME = re.compile(r"[a-z0-9_]{1,16}")  # not a fixed list: newer servers may announce new modes
 
 
@@ -56,6 +57,10 @@ class ServerRecord:
     # How the span's linear weights are stored: "none" (full precision, in `dtype`), "int8", "nf4", or
     # a mode a newer version adds. Records from before this field read as "none".
     quant: str = "none"
+    # How others reach it: "direct" (a dialable address), or "relayed" (behind NAT: its first
+    # addresses are circuit addresses through a relay). Records from before this field read "direct".
+    reach: str = "direct"
+    relay_service: bool = False  # it offers circuit-relay reservations to servers behind NAT
     seq: int = 0  # strictly increasing per server (time_ns at creation)
     expires_at: float = 0.0  # unix seconds
 
@@ -188,6 +193,10 @@ def _record_from_dict(d: Any) -> ServerRecord:
             _str(d[name], name)
     if "quant" in d and (not isinstance(d["quant"], str) or not QUANT_NAME.fullmatch(d["quant"])):
         raise WireError("record field quant must be a short lowercase name such as none, int8 or nf4")
+    if d.get("reach", "direct") not in REACHES:
+        raise WireError(f"record field reach must be one of {', '.join(REACHES)}")
+    if type(d.get("relay_service", False)) is not bool:
+        raise WireError("record field relay_service must be true or false")
     rtts = d.get("next_rtts", {})
     if not isinstance(rtts, dict) or len(rtts) > config.MAX_RECORD_NEXT_RTTS:
         raise WireError(

@@ -71,8 +71,11 @@ def model_summary(name: str, num_blocks: int, records: list[ServerRecord]) -> di
             "servers": len(live), "dropped_records": dict(dropped)}
 
 
-def server_row(r: ServerRecord, rtt_s: float | None, now: float) -> dict[str, Any]:
-    return {"public_name": r.public_name, "peer_id": r.peer_id, "model": r.model, "start": r.start, "end": r.end,
+def server_row(r: ServerRecord, rtt_s: float | None, now: float, reach: str | None = None) -> dict[str, Any]:
+    """`reach`: how this status client is connected to it now; without a connection, what its
+    record says ("relayed": behind NAT, reached through a circuit relay)."""
+    return {"reach": reach or r.reach, "addrs": list(r.addrs),
+            "public_name": r.public_name, "peer_id": r.peer_id, "model": r.model, "start": r.start, "end": r.end,
             "state": r.state, "throughput": round(r.throughput, 3), "inference_rps": round(r.inference_rps, 3),
             "rtt_s": rtt_s, "cache_tokens_left": r.cache_tokens_left, "sessions": r.sessions,
             "health": dict(r.health), "version": r.version, "dtype": r.dtype, "quant": r.quant,
@@ -80,7 +83,8 @@ def server_row(r: ServerRecord, rtt_s: float | None, now: float) -> dict[str, An
 
 
 def build_status(records: list[ServerRecord], rtts: dict[str, float], model: str | None = None,
-                 num_blocks: dict[str, int] | None = None, now: float | None = None) -> dict[str, Any]:
+                 num_blocks: dict[str, int] | None = None, now: float | None = None,
+                 reach: dict[str, str | None] | None = None) -> dict[str, Any]:
     """The snapshot dict from records and measured RTTs. `num_blocks` names models to list even
     with no server (e.g. the one asked for with --model)."""
     now = time.time() if now is None else now
@@ -89,7 +93,7 @@ def build_status(records: list[ServerRecord], rtts: dict[str, float], model: str
     for r in records:
         sizes.setdefault(r.model, r.num_blocks)
     models = [model_summary(name, sizes[name], records) for name in sorted(sizes)]
-    servers = [server_row(r, rtts.get(r.peer_id), now) for r in records]
+    servers = [server_row(r, rtts.get(r.peer_id), now, (reach or {}).get(r.peer_id)) for r in records]
     servers.sort(key=lambda s: (s["model"], s["start"], s["public_name"], s["peer_id"]))
     return {"time": now, "models": models, "servers": servers}
 
@@ -114,7 +118,7 @@ async def _take(host: Host, d: Any, model: str | None, sizes: dict[str, int], re
     with trio.move_on_after(config.REQUEST_TIMEOUT_S / 2):
         rtts = await measure_rtts(host, [r.peer_id for r in reachable if r.peer_id in host.connected_peers()],
                                   STATUS_PING_COUNT)
-    return build_status(records, rtts, model, sizes)
+    return build_status(records, rtts, model, sizes, reach={r.peer_id: host.reach(r.peer_id) for r in records})
 
 
 async def fetch_status(peers: list[str], model: str | None = None) -> dict[str, Any]:

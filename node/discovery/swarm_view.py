@@ -101,12 +101,26 @@ async def dial_records(host: Host, records: list[ServerRecord]) -> None:
                 nursery.start_soon(one, r)
 
 
-def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: dict[str, float]) -> Snapshot:
+async def punch_holes(host: Host, peer_ids: list[str]) -> None:
+    """Try to turn every relayed connection into a direct one (DCUtR), concurrently, before any
+    session stream is opened on it; those that fail stay relayed. Needs a dialable listener."""
+    if not host.nat.dialable_listener():
+        return
+    async with trio.open_nursery() as nursery:
+        for pid in peer_ids:
+            if host.reach(pid) == "relayed":
+                nursery.start_soon(host.nat.punch, pid)
+
+
+def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: dict[str, float],
+                reach: dict[str, str | None] | None = None) -> Snapshot:
+    """`reach`: how we are connected to each server (Host.reach); unknown ones read as their record says."""
+    reach = reach or {}
     servers = [
         ServerInfo(
             peer_id=r.peer_id, start=r.start, end=r.end, inference_rps=r.inference_rps, throughput=r.throughput,
             cache_tokens_left=r.cache_tokens_left, rtt_s=rtts.get(r.peer_id), next_rtts=dict(r.next_rtts),
-            public_name=r.public_name or None, quant=r.quant,
+            public_name=r.public_name or None, quant=r.quant, reach=reach.get(r.peer_id) or r.reach,
         )
         for r in records
         if r.peer_id in rtts  # a server we cannot ping cannot serve us either
@@ -115,18 +129,20 @@ def to_snapshot(records: list[ServerRecord], model: str, num_blocks: int, rtts: 
     return Snapshot(num_blocks=num_blocks, servers=servers, model=model)
 
 
-async def fetch_snapshot(model: str, peers: list[str]) -> Snapshot:
-    """A snapshot of `model`'s swarm as seen from here: for `llmswarm route` on a live swarm."""
+async def fetch_snapshot(model: str, peers: list[str], listen_host: str = config.DEFAULT_LISTEN_HOST) -> Snapshot:
+    """A snapshot of `model`'s swarm as seen from here: for `llmswarm route` on a live swarm. With a
+    dialable `listen_host`, relayed servers are hole-punched first where DCUtR gets through."""
     from llmswarm.models.registry import resolve
     from llmswarm.node.discovery.directory import open_directory
     from llmswarm.node.host import ephemeral_host
 
     require_peers(peers)
     name = resolve(model).name
-    async with ephemeral_host() as host, open_directory(host, peers, [name], gossip=False) as d:
+    async with ephemeral_host(listen_host=listen_host) as host, open_directory(host, peers, [name], gossip=False) as d:
         records = live_records(d.records(name), name, resolve(model).num_blocks or None)
         if not records:
             raise NodeError(f"no server announces {name} on this swarm yet")
         await dial_records(host, records)
+        await punch_holes(host, [r.peer_id for r in records])
         rtts = await measure_rtts(host, [r.peer_id for r in records])
-        return to_snapshot(records, name, records[0].num_blocks, rtts)
+        return to_snapshot(records, name, records[0].num_blocks, rtts, {p: host.reach(p) for p in rtts})

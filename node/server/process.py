@@ -32,6 +32,8 @@ from llmswarm.node.discovery.swarm_view import live_records
 from llmswarm.node.errors import NodeError, PeerError, UsageError
 from llmswarm.node.host import Host, open_host
 from llmswarm.node.server.health import HealthCollector
+from llmswarm.node.server.pace import ServedSpeed, rtts_changed
+from llmswarm.node.server.reach import keep_reachable
 from llmswarm.node.server.span_server import NextHopLookup, SpanServer
 from llmswarm.routing.balance import better_start, choose_start
 
@@ -55,6 +57,8 @@ class ServeOptions:
     identity: str | None = None
     rebalance_period_s: float = config.REBALANCE_PERIOD_S  # 0 = never move
     quant: str = "none"  # "none" | "int8" | "nf4" (models/quant.py)
+    reachability: str = "auto"  # "auto" (AutoNAT decides) | "public" | "private" (node/server/reach.py)
+    relay_service: bool = False  # offer circuit-relay slots to servers behind NAT (if we are public)
 
 
 class ServeEvents:
@@ -126,7 +130,8 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
     dtype = parse_dtype(opts.dtype, opts.device)
     joined_at = time.monotonic()
     async with open_host(opts.identity, port=opts.port, listen_host=opts.listen_host,
-                         announce_addrs=opts.announce_addrs) as host:
+                         announce_addrs=opts.announce_addrs, relay_service=opts.relay_service,
+                         reachability=opts.reachability) as host:
         async with open_directory(host, opts.peers, [spec.name]) as directory:
             folder = await in_passing_thread(lambda: locate(spec, events.progress, _want_for(opts)))
             ckpt = Checkpoint.open(folder)
@@ -144,14 +149,16 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                                 next_hop=_next_hop_lookup(directory, spec.name, ckpt.config.num_blocks))
             host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
             state = _State(server, speed, ckpt.config.num_blocks)
+            server.scheduler.on_compute = state.pace.observe
 
             def make_record() -> ServerRecord:
                 return state.record(host, spec.name, str(dtype).removeprefix("torch."), opts.public_name)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.run)
-                nursery.start_soon(announce_forever, directory, make_record, host.private_key,
-                                   opts.announce_period_s)
+                nursery.start_soon(functools.partial(announce_forever, directory, make_record, host.private_key,
+                                                     opts.announce_period_s, woken=state.woken))
+                nursery.start_soon(keep_reachable, host, directory, spec.name, state.wake)
                 nursery.start_soon(_measure_next_hops, host, directory, state, opts.announce_period_s)
                 nursery.start_soon(_report_status, server, events)
                 if opts.rebalance_period_s > 0:
@@ -161,7 +168,7 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                               "end": end, "dtype": str(dtype).removeprefix("torch."), "quant": span.quant,
                               "device": str(span.device),
                               "seconds_to_announce": round(time.monotonic() - joined_at, 3),
-                              "inference_rps": round(speed.inference_rps, 2),
+                              "inference_rps": round(speed.inference_rps, 2), "reachability": host.nat.reachability,
                               "throughput": round(speed.throughput, 2)})
                 await _until_signal()
                 events.stopping()
@@ -170,9 +177,30 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
 
 class _State:
     def __init__(self, server: SpanServer, speed: Throughput, num_blocks: int) -> None:
-        self.server, self.speed, self.num_blocks = server, speed, num_blocks
+        self.server, self.num_blocks = server, num_blocks
+        self.pace = ServedSpeed(speed.inference_rps, speed.prefill_tps)  # follows served steps
         self.next_rtts: dict[str, float] = {}
         self.health = HealthCollector(str(server.span.device))
+        self._nudge = trio.Event()
+
+    @property
+    def speed(self) -> Throughput:
+        """The announced speed: the startup measurement, then what served steps show."""
+        p = self.pace
+        return Throughput(p.inference_rps, p.prefill_tps, p.throughput(self.server.span.num_blocks))
+
+    @speed.setter
+    def speed(self, measured: Throughput) -> None:  # a new span (rebalance): start from its measurement
+        self.pace = ServedSpeed(measured.inference_rps, measured.prefill_tps)
+        self.server.scheduler.on_compute = self.pace.observe
+
+    def wake(self) -> None:
+        """Something in our record changed: the announcer publishes now."""
+        self._nudge.set()
+
+    async def woken(self) -> None:
+        await self._nudge.wait()
+        self._nudge = trio.Event()
 
     def record(self, host: Host, model: str, dtype: str, public_name: str) -> ServerRecord:
         from importlib.metadata import version
@@ -184,6 +212,7 @@ class _State:
             prefill_tps=self.speed.prefill_tps, throughput=self.speed.throughput,
             cache_tokens_left=s.cache_tokens_left, sessions=s.stats.sessions, version=version("llmswarm"),
             dtype=dtype, quant=s.span.quant, public_name=public_name, next_rtts=dict(self.next_rtts),
+            reach="relayed" if host.nat.relay_addrs else "direct", relay_service=host.nat.relay_service,
             health=self.health.collect(sessions=s.stats.sessions, tokens_served=s.stats.tokens_served,
                                        cache_tokens_in_use=s.cache_tokens - s.cache_tokens_left),
         )
@@ -249,15 +278,19 @@ async def _measure_next_hops(host: Host, directory: Directory, state: _State, pe
         for r in targets[: config.MAX_RECORD_NEXT_RTTS]:
             try:
                 await host.connect_any(r.peer_id, r.addrs)
+                await host.nat.punch(r.peer_id)  # behind NAT: direct if DCUtR gets through, else relayed
                 rtts[r.peer_id] = statistics.median(await host.ping(r.peer_id, config.NEXT_HOP_PING_COUNT))
             except PeerError:
                 continue
+        if rtts_changed(state.next_rtts, rtts):
+            state.wake()  # published now: fresh within one announce period of a change, not two
         state.next_rtts = rtts
         # A server that finds no next hop yet (it joined first, or the next one is still loading), or
         # cannot reach one, looks again soon: until it publishes these RTTs, routes through it are
-        # priced with guesses. Once every next hop is measured, once per announce period is enough.
+        # priced with guesses. Once every next hop is measured, twice per announce period.
         complete = bool(targets) and len(rtts) == len(targets[: config.MAX_RECORD_NEXT_RTTS])
-        await trio.sleep(period_s if complete else min(period_s, config.NEXT_HOP_RETRY_S))
+        await trio.sleep(period_s * config.NEXT_HOP_REFRESH_FRACTION if complete
+                         else min(period_s, config.NEXT_HOP_RETRY_S))
 
 
 async def _rebalance_forever(host: Host, directory: Directory, state: _State, ckpt: Checkpoint,

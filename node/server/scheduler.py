@@ -57,6 +57,9 @@ class Scheduler:
         self._arrived = trio.Event()
         self.last_active: dict[object, float] = {}
         self.compute_s = 0.0  # moving average of one batch's compute time
+        # told (steps, new tokens, blocks, seconds) of every batch that computed without error:
+        # how the server's announced speed follows what it really serves (node/server/pace.py)
+        self.on_compute: Callable[[int, int, int, float], None] | None = None
         self.stats = SchedulerStats()
         self.on_step = on_step  # called with (steps, tokens) after each batch: the server's statistics
 
@@ -169,3 +172,5 @@ class Scheduler:
         if len(batch) > 1:
             s.batched_steps += len(batch)
         self.on_step(len(batch), tokens)
+        if self.on_compute is not None and not any(j.error for j in batch):
+            self.on_compute(len(batch), tokens, batch[0].span.num_blocks, elapsed)
