@@ -6,6 +6,7 @@ requests (their embedding and head inline, as in `chat`).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,8 +61,24 @@ def load_model(opts: ApiOptions, progress: Progress = _noop) -> ClientModel:
 
 
 def run_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None] = lambda _: None) -> None:
-    """Serve until interrupted; `ready(url)` once the port is bound (the swarm has been asked once)."""
-    trio.run(serve_api, opts, model, ready)
+    """Serve until SIGINT or SIGTERM; `ready(url)` once the port is bound (the swarm asked once).
+    On a signal, requests in flight get API_SHUTDOWN_GRACE_S to finish; then their sessions close."""
+
+    async def main() -> None:
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until_signal, shutdown)
+            await serve_api(opts, model, ready, shutdown)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _until_signal(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            shutdown.set()
+            return
 
 
 async def serve_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None],
@@ -83,13 +100,14 @@ async def serve_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str],
         backend = SwarmBackend(host, directory, model, opts.backend)
         app = build_app(backend, lambda: watch.snapshot, opts.api_key)
         trigger = shutdown.wait if shutdown is not None else None
+
+        async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(app, cfg, shutdown_trigger=trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()  # served its last request: stop watching the swarm
+
         try:
-            binds = await nursery.start(lambda task_status: serve(app, cfg, shutdown_trigger=trigger,
-                                                                  task_status=task_status))
+            binds = await nursery.start(serve_then_stop)
         except OSError as e:
             raise NodeError(f"cannot listen on {opts.host}:{opts.port} ({e.strerror or e}): "
                             "pick another --port (0: any free one)") from None
         ready(binds[0])
-        if shutdown is not None:
-            await shutdown.wait()
-            nursery.cancel_scope.cancel()
