@@ -52,6 +52,7 @@ def _register() -> None:
     bench_app.command("swarm")(bench.bench_swarm)
     bench_app.command("server")(bench.bench_server)
     bench_app.command("quant")(bench.bench_quant)
+    bench_app.command("api")(bench.bench_api)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built
