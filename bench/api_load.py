@@ -50,6 +50,8 @@ async def _one(http: Any, model: str, tokens: int) -> Stream:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"the stream ended with an error: {chunk['error']['message']}")
             if chunk.get("usage"):
                 s.tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["text"]:
@@ -65,7 +67,10 @@ async def _round(url: str, model: str, n: int, tokens: int) -> list[Stream]:
     limits = httpx.Limits(max_connections=n + 4)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http, trio.open_nursery() as nursery:
         async def run() -> None:
-            streams.append(await _one(http, model, tokens))
+            try:
+                streams.append(await _one(http, model, tokens))
+            except RuntimeError as e:
+                raise RuntimeError(f"{n} concurrent requests: {e}") from None
 
         for _ in range(n):
             nursery.start_soon(run)
@@ -101,7 +106,7 @@ def bench_api(model: str = "smollm2-135m", servers: int = 3, concurrency: Sequen
 
     spec = resolve(model)
     spans = even_spans(spec.num_blocks, servers)
-    with LocalSwarm(model_arg(spec), spans, announce_period_s=2.0, progress=progress) as swarm:
+    with LocalSwarm(model_arg(spec), spans, progress=progress) as swarm:
         progress("starting llmswarm api", 0, 1)
         url = swarm.start_api("--max-concurrent", str(max(concurrency)))
         trio.run(_round, url, spec.name, 1, 4)  # warm-up: route, dial, first session

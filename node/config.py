@@ -156,8 +156,13 @@ API_MAX_CONCURRENT = 16
 API_DEFAULT_MAX_TOKENS = 256  # max_tokens when a request gives none
 API_DEFAULT_TEMPERATURE = 1.0  # the OpenAI API's default: a request that wants greedy output sends 0
 # A request waits this long for the swarm to cover the model before it is answered 503 (a client
-# retries; holding its connection for COVERAGE_WAIT_S, as `chat` does, would only stall it).
-API_COVERAGE_WAIT_S = 2.0
+# retries; holding its connection for COVERAGE_WAIT_S, as `chat` does, would only stall it). Long
+# enough to ride out one late announcement of a server busy with a batch.
+API_COVERAGE_WAIT_S = 5.0
+# Requests within this long of a route solve reuse its chain (when it was solved for at least their
+# length): the solve and its pings run on the API's one loop, and requests that arrive together
+# would each stall every stream for a solve. Failover still re-plans per session.
+API_ROUTE_REUSE_S = 2.0
 API_RETRY_AFTER_S = 10  # the Retry-After (seconds) of a 503: about one announce of a joining server
 API_SWARM_PERIOD_S = 2.0  # how often the page's data (GET /v1/swarm) is taken: records, pings
 API_SHUTDOWN_GRACE_S = 5.0  # on Ctrl-C, how long requests in flight have to finish

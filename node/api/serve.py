@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import trio
 from llmswarm.models.checkpoint import Progress, _noop
 from llmswarm.models.local import ClientModel, load_client_model
@@ -52,6 +53,9 @@ class SwarmWatch:
                 self.snapshot = await take_snapshot(host, directory, None, self.sizes, refresh=True)
             await trio.sleep(config.API_SWARM_PERIOD_S)
 
+    def rtts(self) -> dict[str, float]:
+        return {s["peer_id"]: s["rtt_s"] for s in self.snapshot["servers"] if s["rtt_s"] is not None}
+
 
 def load_model(opts: ApiOptions, progress: Progress = _noop) -> ClientModel:
     """The client's parts (tokenizer, embeddings, head): what every request shares."""
@@ -71,7 +75,12 @@ def run_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None] =
             await serve_api(opts, model, ready, shutdown)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    # Every request's generation loop holds `torch.inference_mode()` open across its yields
+    # (models/generate.py), and the mode is per thread: with many requests on one loop, the first to
+    # finish switched it off under the others ("inplace update to inference tensor outside
+    # InferenceMode"). This process computes no gradients, so the whole loop runs in the mode.
+    with torch.inference_mode():
+        trio.run(main)
 
 
 async def _until_signal(shutdown: trio.Event) -> None:
@@ -97,7 +106,7 @@ async def serve_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str],
             trio.open_nursery() as nursery:
         watch = SwarmWatch(model)
         nursery.start_soon(watch.run, host, directory)
-        backend = SwarmBackend(host, directory, model, opts.backend)
+        backend = SwarmBackend(host, directory, model, opts.backend, watch.rtts)
         app = build_app(backend, lambda: watch.snapshot, opts.api_key)
         trigger = shutdown.wait if shutdown is not None else None
 

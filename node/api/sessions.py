@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import trio
 from llmswarm.models.chat import ChatTurn, Conversation
 from llmswarm.models.errors import LengthError
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling
@@ -26,7 +27,7 @@ from llmswarm.node.client.session import open_session
 from llmswarm.node.discovery.directory import Directory
 from llmswarm.node.errors import NodeError
 from llmswarm.node.host import Host
-from llmswarm.routing import NoRouteError, RoutingError
+from llmswarm.routing import Hop, NoRouteError, RoutingError
 
 Emit = Callable[[str], Awaitable[None]]
 StepFn = Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]
@@ -63,9 +64,16 @@ class PromptConversation(Conversation):
 
 
 class SwarmBackend:
-    def __init__(self, host: Host, directory: Directory, model: ClientModel, opts: BackendOptions) -> None:
+    def __init__(self, host: Host, directory: Directory, model: ClientModel, opts: BackendOptions,
+                 rtts: Callable[[], dict[str, float]] = dict) -> None:
+        """`rtts()`: round trips to servers measured lately (for all requests, by serve.py's SwarmWatch):
+        a request pings only the servers missing there, instead of every server of the model, which
+        under load (16 requests starting at once, on busy servers) ran past the ping timeout."""
         self.host, self.directory, self.model, self.opts = host, directory, model, opts
+        self.rtts = rtts
         self.active = 0  # requests holding a slot
+        self._route_lock = trio.Lock()
+        self._route: tuple[float, int, list[Hop]] | None = None  # (solved at, for length, chain)
 
     @property
     def model_names(self) -> set[str]:
@@ -100,17 +108,35 @@ class SwarmBackend:
         finally:
             self.active -= 1
 
+    async def route(self, length: int) -> list[Hop]:
+        """A chain for a session of `length` tokens: the last one solved, if it is recent and was
+        solved for at least that many tokens, else a new one. One solve at a time: the solver runs on
+        this loop (NSGA-II for CHAT_SOLVE_BUDGET_S), and 16 requests solving at once would stall
+        every stream for seconds; requests that arrive together share one solve."""
+        m, o = self.model, self.opts
+        async with self._route_lock:
+            if self._route is not None:
+                solved_at, solved_for, chain = self._route
+                if trio.current_time() - solved_at < config.API_ROUTE_REUSE_S and solved_for >= length:
+                    return chain
+            try:
+                result, _ = await plan_route(self.host, self.directory, m, o.solver, o.prefer, length,
+                                             coverage_wait_s=config.API_COVERAGE_WAIT_S,
+                                             exact_weights=o.exact_weights, known_rtts=self.rtts())
+            except NoRouteError as e:
+                raise ApiError(503, f"no route: {e}", code="no_route",
+                               retry_after_s=config.API_RETRY_AFTER_S) from None
+            self._route = (trio.current_time(), length, result.chosen.chain)
+            return result.chosen.chain
+
     @asynccontextmanager
     async def session(self, length: int) -> AsyncIterator[StepFn]:
-        """A route and an open session holding `length` tokens: 503 while no route covers the model."""
+        """A route and an open session holding `length` tokens: 503 while no route covers the model.
+        A server of the chain that refuses or fails is replaced as in `chat` (its own re-plan)."""
         m, o = self.model, self.opts
-        try:
-            result, _ = await plan_route(self.host, self.directory, m, o.solver, o.prefer, length,
-                                         coverage_wait_s=config.API_COVERAGE_WAIT_S, exact_weights=o.exact_weights)
-        except NoRouteError as e:
-            raise ApiError(503, f"no route: {e}", code="no_route", retry_after_s=config.API_RETRY_AFTER_S) from None
+        chain = await self.route(length)
         replan = make_replan(self.host, self.directory, m, o.solver, o.prefer, length, o.exact_weights)
-        async with open_session(self.host, result.chosen.chain, m.spec.name, m.cfg.hidden_size, length, m.dtype,
+        async with open_session(self.host, chain, m.spec.name, m.cfg.hidden_size, length, m.dtype,
                                 replan=replan, step_timeout_s=o.step_timeout, relay=o.relay) as session:
             yield session.step
 
