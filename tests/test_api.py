@@ -66,6 +66,19 @@ def test_streamed_chat_equals_chat_local(client, local):
     assert chunks[-1].usage.completion_tokens == local["new_tokens"]
 
 
+def test_concurrent_requests_each_equal_chat_local(swarm, local):
+    """Requests share one process (and the servers batch them): each answer is still the local one.
+    (Two at once: --max-concurrent is 2 here.) Their generation loops interleave on one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    clients = [OpenAI(base_url=swarm.api + "/v1", api_key=KEY, max_retries=0, timeout=120) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda c: ask(c).choices[0].message.content, clients))
+    assert answers == [local["text"]] * 2
+
+
 def test_stop_string_ends_the_answer_before_it(client, local):
     res = ask(client, stop=["Paris"])
     assert res.choices[0].message.content == local["text"].split("Paris")[0]
