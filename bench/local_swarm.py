@@ -73,6 +73,7 @@ class LocalSwarm:
         self.workdir = Path(workdir or self._tmp.name)
         self.bootstrap: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
+        self.clients: list[subprocess.Popen] = []  # e.g. `llmswarm api` processes (start_api)
         self.ready: list[dict] = []
         self.peers: list[str] = []
         self._spawned: dict[int, float] = {}  # pid -> monotonic time it was started
@@ -117,8 +118,15 @@ class LocalSwarm:
             self.servers.append(proc)
         return proc
 
+    def start_api(self, *extra: str) -> str:
+        """An `llmswarm api` process on this swarm, on a free port of 127.0.0.1, stopped with the
+        swarm (first, so it closes its sessions while the servers are still there); returns its URL."""
+        proc = self._spawn("api", "--model", self.model, "--peers", *self.peers, "--port", "0", *extra)
+        self.clients.append(proc)
+        return self._read_line(proc, "api").strip()
+
     def stop(self) -> None:
-        procs = [p for p in [*self.servers, self.bootstrap] if p is not None and p.poll() is None]
+        procs = [p for p in [*self.clients, *self.servers, self.bootstrap] if p is not None and p.poll() is None]
         for p in procs:
             p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
@@ -128,7 +136,7 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for p in [*self.servers, self.bootstrap]:
+        for p in [*self.clients, *self.servers, self.bootstrap]:
             if p is not None:
                 for f in (p.stdout, p.stderr):
                     if f:

@@ -39,7 +39,7 @@ def _root(
 
 
 def _register() -> None:
-    from . import bench, chat, demo, join, models_cmd, probe, status
+    from . import api, bench, chat, demo, join, models_cmd, probe, status
 
     app.command("chat")(chat.chat)
     app.command("join")(join.join)
@@ -48,9 +48,11 @@ def _register() -> None:
     app.command("demo")(demo.demo)
     app.command("probe")(probe.probe)
     app.command("status")(status.status)
+    app.command("api")(api.api)
     bench_app.command("swarm")(bench.bench_swarm)
     bench_app.command("server")(bench.bench_server)
     bench_app.command("quant")(bench.bench_quant)
+    bench_app.command("api")(bench.bench_api)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built

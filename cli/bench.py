@@ -1,5 +1,6 @@
 """`llmswarm bench swarm`: the swarm against a local run of the same model, in one run.
-`llmswarm bench server`: one server's aggregate decode tokens/s with 1, 4, 16 concurrent sessions."""
+`llmswarm bench server`: one server's aggregate decode tokens/s with 1, 4, 16 concurrent sessions.
+`llmswarm bench api`: N concurrent streaming requests through `llmswarm api` (bench/api_load.py)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,41 @@ def bench_quant(
         t.add_row(row["quant"], f"{row['bytes_per_block'] / 2**20:.2f}", f"{row['bytes_vs_reference']:.3f}",
                   f"{row['tokens_per_s']:.1f}", f"{row['speed_vs_reference']:.2f}", f"{row['agreement']:.1%}")
     output.console.print(t)
+
+
+def bench_api(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or folder."),
+    servers: int = typer.Option(3, "--servers", "-s", min=1, max=16, help="Server processes."),
+    concurrency: str = typer.Option("1,4,16", "--concurrent", "-c", help="Numbers of requests at once."),
+    new_tokens: int = typer.Option(32, "--tokens", "-t", min=2, help="max_tokens of each request."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """N concurrent streaming requests through `llmswarm api` on a local swarm: aggregate tokens/s,
+    time to first token, inter-token latency."""
+    from llmswarm.bench.api_load import bench_api as run
+
+    try:
+        counts = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{concurrency!r} is not a list like 1,4,16", param_hint="--concurrent") from None
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("give at least one count, each 1 or more", param_hint="--concurrent")
+    with output.progress(not json_out) as report:
+        r = run(model, servers, counts, new_tokens, report)
+    if json_out:
+        output.print_json(r)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{r['model']} through `llmswarm api`, {r['servers']} servers {' '.join(r['spans'])}, "
+                    f"{r['tokens']} tokens per request")
+    for col in ("requests", "decode tokens/s", "speedup", "per request", "TTFT p50 ms", "TTFT p90 ms",
+                "ITL p50 ms", "ITL p90 ms"):
+        t.add_column(col, justify="right")
+    for row in r["rows"]:
+        t.add_row(str(row["concurrent"]), f"{row['decode_tokens_per_s']:.2f}", f"{row['speedup']:.2f}x",
+                  f"{row['per_request_tokens_per_s']:.2f}", f"{row['ttft_p50_ms']:.0f}", f"{row['ttft_p90_ms']:.0f}",
+                  f"{row['itl_p50_ms']:.1f}", f"{row['itl_p90_ms']:.1f}")
+    output.console.print(t)
+    output.console.print(f"one `chat` through the same swarm: {r['chat_tokens_per_s']:.2f} tokens/s; API overhead "
+                         f"per token at 1 request: {r['api_overhead_ms_per_token']} ms")

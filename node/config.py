@@ -204,3 +204,25 @@ DEFAULT_MAX_NEW_TOKENS = 256  # most tokens in one answer
 DEFAULT_SOLVER = "nsga2"  # route solver of chat and route: nsga2 | exact | dijkstra
 DEFAULT_PREFER = "balanced"  # which end of the latency/throughput front a chat picks
 DEFAULT_DEMO_SERVERS = 3  # server processes `llmswarm demo` starts
+
+# --------------------------------------------------------------------------------------------------
+# `llmswarm api` (node/api/): the OpenAI-compatible endpoint and the swarm page
+# --------------------------------------------------------------------------------------------------
+API_DEFAULT_HOST = "127.0.0.1"  # only this machine; pass --host 0.0.0.0 to serve others
+API_DEFAULT_PORT = 8000  # what OpenAI-compatible servers usually take (llama.cpp 8080, vLLM 8000)
+# Requests in flight at once; one more is answered 429. Each holds one session on every server of its
+# route, and a server admits DEFAULT_MAX_SESSIONS: past that, requests would only queue at the servers.
+API_MAX_CONCURRENT = 16
+API_DEFAULT_MAX_TOKENS = 256  # max_tokens when a request gives none
+API_DEFAULT_TEMPERATURE = 1.0  # the OpenAI API's default: a request that wants greedy output sends 0
+# A request waits this long for the swarm to cover the model before it is answered 503 (a client
+# retries; holding its connection for COVERAGE_WAIT_S, as `chat` does, would only stall it). Long
+# enough to ride out one late announcement of a server busy with a batch.
+API_COVERAGE_WAIT_S = 5.0
+# Requests within this long of a route solve reuse its chain (when it was solved for at least their
+# length): the solve and its pings run on the API's one loop, and requests that arrive together
+# would each stall every stream for a solve. Failover still re-plans per session.
+API_ROUTE_REUSE_S = 2.0
+API_RETRY_AFTER_S = 10  # the Retry-After (seconds) of a 503: about one announce of a joining server
+API_SWARM_PERIOD_S = 2.0  # how often the page's data (GET /v1/swarm) is taken: records, pings
+API_SHUTDOWN_GRACE_S = 5.0  # on Ctrl-C, how long requests in flight have to finish

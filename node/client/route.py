@@ -45,15 +45,20 @@ async def wait_for_coverage(directory: Directory, model: str, num_blocks: int,
 async def plan_route(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
                      max_length: int, banned: frozenset[str] = frozenset(),
                      coverage_wait_s: float = config.COVERAGE_WAIT_S,
-                     exact_weights: bool = False, relay: bool = True) -> tuple[SolveResult, dict[str, str]]:
+                     exact_weights: bool = False, relay: bool = True,
+                     known_rtts: dict[str, float] | None = None) -> tuple[SolveResult, dict[str, str]]:
     """Measure the live servers and solve; `relay=False` (`--no-relay`) prices every hop through the
-    client. `names` says how each server is called and reached (e.g. "home (relayed)")."""
+    client. `names` says how each server is called and reached (e.g. "home (relayed)"). `known_rtts`:
+    round trips measured lately by the caller (`llmswarm api` measures every server every few seconds
+    for all its requests); only the servers missing from it are pinged now."""
     name, num_blocks = model.spec.name, model.cfg.num_blocks
     records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
     usable = [r for r in records if r.peer_id not in banned]  # excluded anyway: no dial, no ping timeout
     await dial_records(host, usable)
     await punch_holes(host, [r.peer_id for r in usable])
-    rtts = await measure_rtts(host, [r.peer_id for r in usable])
+    rtts = {p: t for p, t in (known_rtts or {}).items() if p in host.connected_peers()}
+    if missing := [r.peer_id for r in usable if r.peer_id not in rtts]:
+        rtts.update(await measure_rtts(host, missing))
     reach = {pid: host.reach(pid) for pid in rtts}
     snapshot = to_snapshot(records, name, num_blocks, rtts, reach)
     result = solve(snapshot, solver=solver, prefer=prefer, seed=0, banned=banned, need_cache_tokens=max_length,

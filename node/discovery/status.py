@@ -107,7 +107,10 @@ def _wanted_sizes(model: str | None) -> dict[str, int]:
     return {spec.name: spec.num_blocks}
 
 
-async def _take(host: Host, d: Any, model: str | None, sizes: dict[str, int], refresh: bool) -> dict[str, Any]:
+async def take_snapshot(host: Host, d: Any, model: str | None, sizes: dict[str, int],
+                        refresh: bool) -> dict[str, Any]:
+    """One snapshot through an open host and directory (`refresh`: pull records first); also what
+    `llmswarm api` serves at GET /v1/swarm."""
     if refresh:
         await d.refresh(timeout_s=config.REQUEST_TIMEOUT_S / 2)
     records = d.records(model)
@@ -126,7 +129,7 @@ async def fetch_status(peers: list[str], model: str | None = None) -> dict[str, 
     require_peers(peers)
     sizes = _wanted_sizes(model)
     async with ephemeral_host() as host, open_directory(host, peers, [model] if model else None, gossip=False) as d:
-        return await _take(host, d, model, sizes, refresh=False)  # open_directory has just pulled
+        return await take_snapshot(host, d, model, sizes, refresh=False)  # open_directory has just pulled
 
 
 async def watch_status(peers: list[str], model: str | None, on_snapshot: Callable[[dict[str, Any]], None],
@@ -140,7 +143,7 @@ async def watch_status(peers: list[str], model: str | None, on_snapshot: Callabl
         first = True
         while not stopped():
             started = time.monotonic()
-            snap = await _take(host, d, model, sizes, refresh=not first)
+            snap = await take_snapshot(host, d, model, sizes, refresh=not first)
             first = False
             now = snap["time"]
             current = set()

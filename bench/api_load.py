@@ -1,0 +1,126 @@
+"""`llmswarm bench api`: N concurrent streaming requests through `llmswarm api` on a local swarm.
+
+One bootstrap, `servers` join processes splitting the model, one `llmswarm api` process; then for each
+N (1, 4, 16 by default) N streaming /v1/completions requests at once, read as an OpenAI client reads
+them (httpx on trio, one SSE event per chunk). Per N: aggregate decode tokens/s (every request's
+tokens after its first, over the time from the first first-token to the last token) and its speedup
+over the smallest N, time to first token (p50, p90) and inter-token latency (gaps between a stream's
+text chunks, p50, p90). For the API's own cost, one `chat` through the same swarm gives the decode
+tokens/s of the same chain without HTTP: `api_overhead_ms_per_token` = 1/api - 1/chat at N=1.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmswarm.bench.local_swarm import LocalSwarm, even_spans, llmswarm_command, model_arg
+from llmswarm.models.registry import resolve
+
+PROMPT = "Once upon a time"  # a base-model continuation: long answers, rarely an early stop token
+CHAT_PROMPT = "Tell me a long story about a dragon."
+
+
+@dataclass
+class Stream:
+    sent: float
+    chunks: list[float] = field(default_factory=list)  # arrival time of each chunk with text
+    tokens: int = 0  # completion tokens (the usage chunk)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+async def _one(http: Any, model: str, tokens: int) -> Stream:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    s = Stream(time.perf_counter())
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"the API answered {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"the stream ended with an error: {chunk['error']['message']}")
+            if chunk.get("usage"):
+                s.tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                s.chunks.append(time.perf_counter())
+    return s
+
+
+async def _round(url: str, model: str, n: int, tokens: int) -> list[Stream]:
+    import httpx
+    import trio
+
+    streams: list[Stream] = []
+    limits = httpx.Limits(max_connections=n + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http, trio.open_nursery() as nursery:
+        async def run() -> None:
+            try:
+                streams.append(await _one(http, model, tokens))
+            except RuntimeError as e:
+                raise RuntimeError(f"{n} concurrent requests: {e}") from None
+
+        for _ in range(n):
+            nursery.start_soon(run)
+    return streams
+
+
+def summarize(n: int, streams: list[Stream]) -> dict[str, Any]:
+    firsts = [s.chunks[0] for s in streams if s.chunks]
+    lasts = [s.chunks[-1] for s in streams if s.chunks]
+    decode = sum(max(0, s.tokens - 1) for s in streams)
+    span = max(lasts) - min(firsts) if firsts else 0.0
+    ttft = [s.chunks[0] - s.sent for s in streams if s.chunks]
+    itl = [b - a for s in streams for a, b in zip(s.chunks, s.chunks[1:], strict=False)]
+    return {"concurrent": n, "tokens": sum(s.tokens for s in streams),
+            "decode_tokens_per_s": round(decode / span, 2) if span > 0 else 0.0,
+            "per_request_tokens_per_s": round(decode / span / n, 2) if span > 0 else 0.0,
+            "ttft_p50_ms": round(_pct(ttft, 0.5) * 1000, 1), "ttft_p90_ms": round(_pct(ttft, 0.9) * 1000, 1),
+            "itl_p50_ms": round(_pct(itl, 0.5) * 1000, 1), "itl_p90_ms": round(_pct(itl, 0.9) * 1000, 1)}
+
+
+def _chat_tokens_per_s(swarm: LocalSwarm, model: str, tokens: int) -> float:
+    cmd = llmswarm_command("chat", "--model", model, "--prompt", CHAT_PROMPT, "--json", "-n", str(tokens),
+                           "--peers", *swarm.peers)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"chat failed: {res.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(res.stdout)["tokens_per_s"])
+
+
+def bench_api(model: str = "smollm2-135m", servers: int = 3, concurrency: Sequence[int] = (1, 4, 16),
+              tokens: int = 32, progress: Callable[[str, float, float | None], None] = lambda *a: None) -> dict:
+    import trio
+
+    spec = resolve(model)
+    spans = even_spans(spec.num_blocks, servers)
+    # one API process is one client peer: let it take whole servers (a fair share is for many clients)
+    with LocalSwarm(model_arg(spec), spans, progress=progress, extra_join_args=("--peer-share", "1")) as swarm:
+        progress("starting llmswarm api", 0, 1)
+        url = swarm.start_api("--max-concurrent", str(max(concurrency)))
+        trio.run(_round, url, spec.name, 1, 4)  # warm-up: route, dial, first session
+        rows = []
+        for i, n in enumerate(concurrency):
+            progress("concurrent streams", i, len(concurrency))
+            rows.append(summarize(n, trio.run(_round, url, spec.name, n, tokens)))
+        progress("chat through the same swarm", 0, 1)
+        chat_tps = _chat_tokens_per_s(swarm, model_arg(spec), tokens)
+    base = rows[0]["decode_tokens_per_s"] or 1.0
+    for r in rows:
+        r["speedup"] = round(r["decode_tokens_per_s"] / base, 2)
+    one = rows[0]["per_request_tokens_per_s"] if rows[0]["concurrent"] == 1 else None
+    overhead = round((1 / one - 1 / chat_tps) * 1000, 2) if one and chat_tps else None
+    return {"model": spec.name, "servers": servers, "spans": [f"{a}:{b}" for a, b in spans], "tokens": tokens,
+            "rows": rows, "chat_tokens_per_s": round(chat_tps, 2), "api_overhead_ms_per_token": overhead}
