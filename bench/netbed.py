@@ -2,7 +2,7 @@
 and drops frames, one of them behind a NAT router. Needs root and `ip netns`; no `sch_netem`.
 
 Layout (names carry this process's pid and a count, so beds never meet and stale ones can be found):
-  - a hub namespace runs the switch (`python -m llmswarm.bench.netbed switch`): it opens one TAP
+  - a hub namespace runs the switch (`python -m llmswarm.bench.netbed_switch`, bench/netbed_switch.py): it opens one TAP
     device per node and moves each into its node's namespace (the TAP's file stays with the switch,
     so every frame a node sends reaches the switch). A frame read from node i is dropped with
     probability loss[i], else held delay[i] ms and written to the node owning the destination MAC
@@ -22,15 +22,11 @@ the bed (their whole process groups), the switch (its TAPs vanish with it), the 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import heapq
 import os
-import random
 import re
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -44,11 +40,6 @@ PRIVATE_SUBNET = "192.168.77"  # behind the NAT router
 PREFIX = "lsw"  # namespace names: lsw<pid>-<node>
 SWITCH_START_TIMEOUT_S = 10.0
 STOP_GRACE_S = 5.0
-MAX_FRAME_BYTES = 65536
-
-_TUNSETIFF = 0x400454CA
-_IFF_TAP = 0x0002
-_IFF_NO_PI = 0x1000
 
 
 def available() -> str | None:
@@ -153,7 +144,7 @@ class NetBed:
         hub = self._add_ns("hub")
         spec = ",".join(f"{self.delays_ms.get(n, self.nat_delay_ms)}:{self.loss.get(n, 0.0)}" for n in ports)
         self._switch = subprocess.Popen(
-            ["ip", "netns", "exec", hub, sys.executable, "-m", "llmswarm.bench.netbed", "switch", self._tag, spec],
+            ["ip", "netns", "exec", hub, sys.executable, "-m", "llmswarm.bench.netbed_switch", self._tag, spec],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
         taps = self._switch_line().split()
         if len(taps) != len(ports):
@@ -298,69 +289,6 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-# -- the switch (runs inside the hub namespace) ------------------------------------------------------
-def _open_tap(name: str) -> int:
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
-    return fd
-
-
-def run_switch(tag: str, spec: str) -> None:
-    """Forward frames among TAPs with a per-port egress delay and loss. Prints the TAP names on
-    one line, then serves; stdin lines `PORT DELAY_MS LOSS` change a port (answered `ok`); EOF on
-    stdin (the bed is gone) ends it, and the TAPs vanish with their files."""
-    links = [(float(d) / 1000.0, float(p)) for d, p in (x.split(":") for x in spec.split(","))]
-    names = [f"{tag[-8:]}t{i}" for i in range(len(links))]
-    fds = [_open_tap(n) for n in names]
-    port_of_fd = {fd: i for i, fd in enumerate(fds)}
-    mac_port: dict[bytes, int] = {}
-    queue: list[tuple[float, int, int, bytes]] = []  # (due, seq, from port, frame)
-    seq = 0
-    rng = random.Random(0)
-    print(" ".join(names), flush=True)
-    ctl = sys.stdin.fileno()
-    ctl_buf = b""
-    while True:
-        now = time.monotonic()
-        timeout = max(0.0, queue[0][0] - now) if queue else 1.0
-        ready, _, _ = select.select([*fds, ctl], [], [], timeout)
-        for fd in ready:
-            if fd == ctl:
-                data = os.read(ctl, 4096)
-                if not data:
-                    return
-                ctl_buf += data
-                while b"\n" in ctl_buf:
-                    line, ctl_buf = ctl_buf.split(b"\n", 1)
-                    port, delay_ms, loss = line.split()
-                    links[int(port)] = (float(delay_ms) / 1000.0, float(loss))
-                    print("ok", flush=True)
-                continue
-            port = port_of_fd[fd]
-            delay, loss = links[port]
-            arrived = time.monotonic()
-            while True:
-                try:
-                    frame = os.read(fd, MAX_FRAME_BYTES)
-                except BlockingIOError:
-                    break
-                if len(frame) < 14:
-                    continue
-                mac_port[frame[6:12]] = port
-                if loss and rng.random() < loss:
-                    continue
-                seq += 1
-                heapq.heappush(queue, (arrived + delay, seq, port, frame))
-        now = time.monotonic()
-        while queue and queue[0][0] <= now:
-            _, _, src, frame = heapq.heappop(queue)
-            dst = mac_port.get(frame[0:6]) if not frame[0] & 1 else None
-            for p in ([dst] if dst is not None else range(len(fds))):
-                if p != src:
-                    with contextlib.suppress(OSError):  # a full TAP queue drops, as a wire would
-                        os.write(fds[p], frame)
-
-
 # -- a swarm in the bed -------------------------------------------------------------------------------
 SWARM_START_TIMEOUT_S = 180.0  # servers load weights and measure themselves on shared cores
 
@@ -454,9 +382,6 @@ def _bed_or_exit() -> Iterator[None]:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["switch"]:
-        run_switch(argv[1], argv[2])
-        return
     if argv[:1] == ["check"]:
         why = available()
         if why:
