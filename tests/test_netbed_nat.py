@@ -8,6 +8,7 @@ netns`; skipped elsewhere with the reason."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 
@@ -15,7 +16,9 @@ import pytest
 from llmswarm.bench.local_swarm import llmswarm_command
 from llmswarm.bench.netbed import NetBed, available, start_swarm
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available())),
+              pytest.mark.skipif(shutil.which("iptables") is None, reason="the NAT router needs iptables "
+                                                                          "(apt-get install iptables)")]
 
 MODEL = "smollm2-135m"
 PROMPT = ["--prompt", "What is the capital of France?", "--json", "--max-new-tokens", "16"]
