@@ -196,8 +196,12 @@ def test_a_woken_announcer_publishes_at_once_not_a_period_later():
     nudge = {"event": trio.Event()}
 
     class Directory:
+        def __init__(self) -> None:
+            self.published: set[int] = set()
+
         async def publish(self, data: bytes) -> None:
             published.append(verify_record(data))
+            self.published.add(published[-1].seq)
 
         def records(self, model: str) -> list[ServerRecord]:
             return published[-1:]

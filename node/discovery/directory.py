@@ -63,6 +63,7 @@ class Directory:
         self._bootstrap_ids: dict[str, str] = {}  # addr -> peer id once dialed
         self.unreachable: dict[str, str] = {}  # bootstrap addr -> why its last snapshot pull failed
         self.rejected = 0  # records refused by verification (forged, malformed, over a bound)
+        self.published: set[int] = set()  # seqs of the records this process signed and published
 
     # -- reading -----------------------------------------------------------------------------------
     def records(self, model: str | None = None) -> list[ServerRecord]:
@@ -135,6 +136,7 @@ class Directory:
         record = self.store.put(data)
         if record is None:
             raise NodeError("record not newer than the one already published: stamp it with a new seq")
+        self.published.add(record.seq)
         async with trio.open_nursery() as nursery:
             for addr in self.bootstrap_addrs:
                 nursery.start_soon(self._put_one, addr, data, timeout_s)
@@ -312,11 +314,11 @@ async def announce_forever(
     when something in the record changed (reachability, next-hop RTTs): publish then, not later."""
     ttl_s = period_s * config.RECORD_TTL_FACTOR if ttl_s is None else ttl_s
     last: ServerRecord | None = None
-    mine: list[int] = []  # the seqs we signed: a newer one we did not sign is another live process's
+    first_seq: int | None = None
     try:
         while True:
             last = make_record().stamped(ttl_s)
-            mine.append(last.seq)
+            first_seq = last.seq if first_seq is None else first_seq
             try:
                 await d.publish(sign_record(last, private_key))
             except NodeError as e:
@@ -324,7 +326,7 @@ async def announce_forever(
             with trio.move_on_after(period_s):
                 await (woken() if woken is not None else trio.sleep_forever())
                 await trio.sleep(config.ANNOUNCE_MIN_GAP_S)
-            _check_no_twin(d, last, mine)
+            _check_no_twin(d, last, first_seq)
     finally:
         if last is not None:
             with trio.move_on_after(config.REQUEST_TIMEOUT_S) as scope:
@@ -336,11 +338,12 @@ async def announce_forever(
                     log.warning("announcing offline failed: %s", e)
 
 
-def _check_no_twin(d: Directory, ours: ServerRecord, mine: list[int]) -> None:
+def _check_no_twin(d: Directory, ours: ServerRecord, first_seq: int) -> None:
     """Two live processes with one key (a key file copied to another machine) announce under one peer
-    id: clients then reach either at random. The newest record under our id must be one we signed."""
+    id: clients then reach either at random. The newest record under our id must be one this process
+    published (any of its records: the periodic ones, a move's, a change's)."""
     held = next((r for r in d.records(ours.model) if r.peer_id == ours.peer_id), None)
-    if held is not None and held.seq > mine[0] and held.seq not in mine:
+    if held is not None and held.seq > first_seq and held.seq not in d.published:
         raise DuplicatePeerError(
             f"another live process announces peer id {ours.peer_id} (its record lists {', '.join(held.addrs[:2])}):"
             " two processes share one key file; give one of them its own --identity FILE")
