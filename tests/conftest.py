@@ -131,3 +131,33 @@ def run_host_swarm(folder, bounds, fn, **server_kw):
 def host_swarm():
     """run(folder, [(a, b), ...], fn, **server_kw): fn(swarm, whole_span) inside a running swarm."""
     return run_host_swarm
+
+
+# --------------------------------------------------------------------------------------------------
+# One swarm of real processes (bootstrap + 3 servers of the built-in model) shared by the end-to-end
+# modules that only talk to it (chat, api, fuzz): starting one takes ~20 s on 2 cores. Modules that
+# kill or move servers start their own.
+# --------------------------------------------------------------------------------------------------
+E2E_PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="session")
+def swarm3(smollm2):
+    from llmswarm.bench.local_swarm import LocalSwarm
+
+    with LocalSwarm("smollm2-135m", [(0, 10), (10, 20), (20, 30)], announce_period_s=1.0) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def local_answer(smollm2) -> dict:
+    """`chat --local` on E2E_PROMPT, 24 new tokens: the answer every swarm path must reproduce."""
+    import json
+    import subprocess
+
+    from llmswarm.bench.local_swarm import llmswarm_command
+
+    res = subprocess.run(llmswarm_command("chat", "--local", "--prompt", E2E_PROMPT, "--json", "-n", "24"),
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
 
 import httpx
 import pytest
-from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
+from llmswarm.bench.local_swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -20,18 +19,18 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2):
-    with LocalSwarm(MODEL, [(0, 10), (10, 20), (20, 30)], announce_period_s=1.0) as s:
-        s.api = s.start_api("--api-key", KEY, "--max-concurrent", "2", "--max-length", "512")
-        yield s
+def swarm(swarm3):
+    """The session's shared swarm (conftest.py) with an `llmswarm api` process on it for this module."""
+    swarm3.api = swarm3.start_api("--api-key", KEY, "--max-concurrent", "2", "--max-length", "512")
+    yield swarm3
+    api = swarm3.clients.pop()
+    api.terminate()
+    api.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
-def local(smollm2) -> dict:
-    res = subprocess.run(llmswarm_command("chat", "--local", "--prompt", PROMPT, "--json", "-n", "24"),
-                         capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+def local(local_answer) -> dict:
+    return local_answer
 
 
 @pytest.fixture(scope="module")

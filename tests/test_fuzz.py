@@ -19,7 +19,7 @@ import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from libp2p.crypto.ed25519 import create_new_key_pair
-from llmswarm.bench.local_swarm import LocalSwarm, llmswarm_command
+from llmswarm.bench.local_swarm import llmswarm_command
 from llmswarm.node import config
 from llmswarm.node.discovery.records import ServerRecord, sign_record
 from llmswarm.node.errors import ErrorCode, RemoteError
@@ -42,18 +42,18 @@ FUZZ = settings(max_examples=2, deadline=None, suppress_health_check=list(Health
 
 
 def _chat(*args: str) -> list[int]:
-    res = subprocess.run(llmswarm_command("chat", "-p", PROMPT, "--json", "-n", "12", *args),
+    res = subprocess.run(llmswarm_command("chat", "-p", PROMPT, "--json", "-n", "24", *args),
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout)["token_ids"]
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2):
-    with LocalSwarm(MODEL, [(0, 15), (15, 30)], announce_period_s=1.0) as s:
-        s.local_tokens = _chat("--local")
-        s.rss_at_start = [psutil.Process(p.pid).memory_info().rss for p in s.servers]
-        yield s
+def swarm(swarm3, local_answer):
+    """The session's shared swarm (conftest.py): servers 0:10, 10:20, 20:30."""
+    swarm3.local_tokens = local_answer["token_ids"]
+    swarm3.rss_at_start = [psutil.Process(p.pid).memory_info().rss for p in swarm3.servers]
+    return swarm3
 
 
 def _after_attack(swarm) -> None:
@@ -106,7 +106,7 @@ def test_malformed_frames_are_answered_and_the_server_stays_healthy(swarm):
 async def _send_frames(host, peer, frames):
     async def session():
         stream = await host.open_stream(peer, config.PROTOCOL_INFERENCE)
-        assert Opened.from_frame(await stream.request(Open(MODEL, 0, 15, 64).to_frame())).max_length == 64
+        assert Opened.from_frame(await stream.request(Open(MODEL, 0, 10, 64).to_frame())).max_length == 64
         return stream
 
     stream, codes = await session(), []
@@ -195,7 +195,7 @@ def test_hoarding_client_leaves_others_a_share(swarm):
         for _ in range(config.DEFAULT_MAX_SESSIONS + 4):
             stream = await host.open_stream(peer, config.PROTOCOL_INFERENCE)
             try:
-                Opened.from_frame(await stream.request(Open(MODEL, 0, 15, 2048).to_frame()))
+                Opened.from_frame(await stream.request(Open(MODEL, 0, 10, 2048).to_frame()))
             except RemoteError as e:
                 assert e.code is ErrorCode.BUSY and "your share" in str(e)
                 break

@@ -27,14 +27,8 @@ def chat_json(*args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_answer(smollm2) -> dict:
-    return chat_json("--local")
-
-
-@pytest.fixture(scope="module")
-def swarm(smollm2):
-    with LocalSwarm("smollm2-135m", [(0, 10), (10, 20), (20, 30)], announce_period_s=1.0) as s:
-        yield s
+def swarm(swarm3):
+    return swarm3  # the session's shared swarm (conftest.py); local_answer comes from there too
 
 
 def test_chat_through_three_servers_matches_local(swarm, local_answer):
