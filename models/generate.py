@@ -74,23 +74,26 @@ def generation_steps(
     device = next(client.parameters()).device  # the client's parts may live on a GPU
     ids = torch.tensor([new_ids], dtype=torch.long, device=device)
     first_at = started
-    with torch.inference_mode():
-        for step in range(max_new_tokens):
+    # Inference mode is per thread: it is entered around each piece of work and never held across a
+    # yield, so several generations driven in turn on one thread (an API's requests) stay independent.
+    for step in range(max_new_tokens):
+        with torch.inference_mode():
             hidden = client.embed(ids)
-            out = yield hidden, position
-            position += ids.shape[1]
+        out = yield hidden, position
+        position += ids.shape[1]
+        with torch.inference_mode():
             token = sampler(client.head(out[:, -1:].to(hidden.device, hidden.dtype))[0, -1])
-            now = time.perf_counter()
-            if step == 0:
-                first_at = now
-                result.time_to_first_token_s = now - started
-            result.decode_s = now - first_at
-            if token in stop_ids:
-                result.stopped = True
-                break
-            result.token_ids.append(token)
-            on_token(token)
-            ids = torch.tensor([[token]], dtype=torch.long, device=device)
+        now = time.perf_counter()
+        if step == 0:
+            first_at = now
+            result.time_to_first_token_s = now - started
+        result.decode_s = now - first_at
+        if token in stop_ids:
+            result.stopped = True
+            break
+        result.token_ids.append(token)
+        on_token(token)
+        ids = torch.tensor([[token]], dtype=torch.long, device=device)
     return result
 
 

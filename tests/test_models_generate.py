@@ -54,3 +54,32 @@ def test_rewind_recomputes_identically(tiny_llama):
     again = chain(client.embed(ids[:, 3:]), 3)  # rewind to 3 and resend the original tail
     torch.testing.assert_close(again, tail, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([head, tail], 1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_generations_interleaved_on_one_thread_stay_independent(tiny_llama):
+    """An API drives many generations in turn on one thread: each must give what it gives alone
+    (inference mode is per thread, so a generator must not hold it across its yields)."""
+    ckpt = Checkpoint.open(tiny_llama)
+    client = load_client(ckpt, torch.float32)
+    prompts = [[5, 17, 99, 3], [250, 7, 42, 11, 8]]
+    alone = []
+    for p in prompts:
+        chain = load_local_chain(ckpt, torch.float32, max_length=64)
+        alone.append(run_sync(generation_steps(client, p, 0, 12, Sampler(Sampling()), stop_ids=set()), chain).token_ids)
+    chains = [load_local_chain(ckpt, torch.float32, max_length=64) for _ in prompts]
+    gens = [generation_steps(client, p, 0, 12, Sampler(Sampling()), stop_ids=set()) for p in prompts]
+    pending = [next(g) for g in gens]
+    results: list = [None, None]
+    while any(r is None for r in results):
+        for i, g in enumerate(gens):
+            if results[i] is not None:
+                continue
+            hidden, position = pending[i]
+            try:
+                pending[i] = g.send(chains[i](hidden, position))
+            except StopIteration as done:
+                results[i] = done.value.token_ids
+    assert results == alone
+    # held across yields, the first generation to end would switch the mode off under the other, and
+    # the last to end would leave it on for whatever this thread runs next
+    assert not torch.is_inference_mode_enabled()
