@@ -17,7 +17,7 @@ import trio
 from llmswarm.node import config
 from llmswarm.node.errors import ErrorCode, PeerError, RemoteError, WireError
 from llmswarm.node.wire.codec import Frame, MsgType
-from llmswarm.node.wire.messages import Attach, Attached, Error, Link, Linked, NextHop
+from llmswarm.node.wire.messages import Attach, Attached, Error, Link, Linked, NextHop, seq_or_none
 from llmswarm.node.wire.stream import FramedStream
 
 if TYPE_CHECKING:
@@ -32,8 +32,7 @@ async def link(server: SpanServer, session: Session, frame: Frame) -> None:
         request = Link.from_frame(frame)
     except WireError as e:
         server.stats.errors += 1
-        seq = frame.header.get("seq")
-        await session.send(Error(ErrorCode.BAD_REQUEST, str(e), seq if type(seq) is int else None).to_frame())
+        await session.send(Error(ErrorCode.BAD_REQUEST, str(e), seq_or_none(frame)).to_frame())
         return
     try:
         if server.host is None:

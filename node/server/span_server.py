@@ -31,7 +31,7 @@ from llmswarm.node.host import Host
 from llmswarm.node.server import relay
 from llmswarm.node.server.scheduler import Job, Scheduler
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType
-from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Step, parse_seq
+from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Step, seq_or_none
 from llmswarm.node.wire.stream import FramedStream
 
 NextHopLookup = Callable[[str, int], Awaitable[list[str] | None]]
@@ -211,7 +211,7 @@ class SpanServer:
                                        min(config.MAX_STEP_TOKENS, session.max_length))
             except WireError as e:  # the sender's mistake: say so, keep the session
                 self.stats.errors += 1
-                await session.send(Error(ErrorCode.BAD_REQUEST, str(e), _seq_or_none(frame)).to_frame())
+                await session.send(Error(ErrorCode.BAD_REQUEST, str(e), seq_or_none(frame)).to_frame())
                 return
             share = self._over_share(session, step.position + step.hidden.shape[1])
             if share is not None:
@@ -272,10 +272,4 @@ class SpanServer:
 # No page free is "not now" (transient); past the session's length or a gap in positions is the request's fault.
 _CACHE_CODES = {CacheFullError: ErrorCode.CACHE_FULL, SessionFullError: ErrorCode.TOO_LONG}
 
-
-def _seq_or_none(frame: Frame) -> int | None:
-    try:
-        return parse_seq(frame.header)
-    except WireError:
-        return None
 

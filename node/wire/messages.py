@@ -23,9 +23,8 @@ own stream. Every Output and Error goes to the client, whichever stream the Step
 server whose forward fails answers Output with `relay_failed` and its own output, so the client
 carries on from there.
 
-A stream that ends without Close is a failure on either side; an Error reply leaves the session
-open. `position` is where the step's first token goes: below the cache's length it rewinds the
-session there (replays, re-sent turns); above it is an error.
+A stream that ends without Close is a failure on either side; an Error reply leaves the session open.
+`position` is where the step's first token goes: below the cache's length it rewinds there; above, error.
 
 Records (`/llmswarm/records/1`): RecordsGet {model|null} -> Records {lengths} + envelopes;
 RecordPut + envelope -> Ack {added}. Ping (`/llmswarm/ping/1`): Ping {n} -> Pong {n}.
@@ -41,8 +40,7 @@ from llmswarm.node import config
 from llmswarm.node.errors import ErrorCode, RemoteError, WireError
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType, decode_tensor, encode_tensor
 
-SESSION_ID_CHARS = 32  # 16 random bytes, hex
-MAX_PEER_ID_CHARS = 128
+SESSION_ID_CHARS, MAX_PEER_ID_CHARS = 32, 128  # a session id is 16 random bytes, hex
 MAX_ERROR_MESSAGE_CHARS = 1024
 
 
@@ -67,6 +65,12 @@ def parse_seq(header: dict[str, Any]) -> int:
     return seq
 
 
+def seq_or_none(frame: Frame) -> int | None:
+    """The seq to echo when refusing a frame that may itself be malformed."""
+    seq = frame.header.get("seq")
+    return seq if type(seq) is int and 0 <= seq < 2**53 else None
+
+
 def _int(header: dict[str, Any], key: str, what: str) -> int:
     value = header.get(key)
     if type(value) is not int:
@@ -80,7 +84,6 @@ def _peer_id(value: Any, what: str) -> str:
     return value
 
 
-# -- inference ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Open:
     model: str
@@ -310,7 +313,6 @@ class Error:
         return frame
 
 
-# -- ping and records ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ping:
     n: int
