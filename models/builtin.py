@@ -7,6 +7,7 @@ converter serves any Llama-style GGUF file a user passes as --model FILE.gguf.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import tempfile
@@ -47,9 +48,25 @@ def ensure_builtin(spec: ModelSpec, progress: Progress = _noop) -> Path:
 
 
 def convert_gguf(gguf: Path, target: Path, progress: Progress = _noop) -> Path:
-    """Convert a GGUF file into `target` (safetensors + config + tokenizer) unless already done."""
+    """Convert a GGUF file into `target` (safetensors + config + tokenizer) unless already done.
+
+    Several processes may start on a fresh machine at once (a `demo`, two `join`s): one converts
+    while the others wait on a lock beside the folder, then find it done."""
     if (target / DONE_MARKER).exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            progress(f"waiting for another process converting {gguf.name}", 0, None)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / DONE_MARKER).exists():
+            return target
+        return _convert(gguf, target, progress)
+
+
+def _convert(gguf: Path, target: Path, progress: Progress) -> Path:
     task = f"converting {gguf.name} (once)"
     progress(task, 0, None)
     started = time.monotonic()
@@ -64,7 +81,6 @@ def convert_gguf(gguf: Path, target: Path, progress: Progress = _noop) -> Path:
         raise CheckpointError(f"cannot read {gguf} as a GGUF model ({type(e).__name__}: {e})") from None
     progress(task, 1, 2)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         config = model.config.to_dict()

@@ -58,6 +58,25 @@ def smollm2() -> Path:
     return ensure_builtin(resolve("smollm2-135m"))
 
 
+# --------------------------------------------------------------------------------------------------
+# Parallel runs (pytest-xdist, `-n auto` in pyproject): most end-to-end time is spent waiting on
+# real processes, so two workers on two cores halve the suite. Tests that share a costly fixture
+# run on one worker (one shared swarm, not one per worker); the WAN beds run one at a time, since
+# each emulates links in a user-space switch whose timing a second bed would disturb.
+# --------------------------------------------------------------------------------------------------
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(os.cpu_count() or 1, 4))  # each worker may start a 4-process swarm: cap the memory
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if "swarm3" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("swarm3"))
+        elif item.path.name.startswith("test_netbed"):
+            item.add_marker(pytest.mark.xdist_group("netbed"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     # Two cores: keep torch from oversubscribing when tests start subprocesses.

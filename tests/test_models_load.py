@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import llmswarm.models.checkpoint as checkpoint_mod
 import pytest
 import torch
@@ -138,3 +140,32 @@ def test_chat_local_on_a_corrupt_shard_exits_3(smollm2, tmp_path):
     assert out.returncode == 3, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "corrupt or truncated" in lines[0] and "unexpected" not in lines[0]
+
+
+def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
+    """Two processes starting on a fresh machine: one converts, the other waits and reuses it."""
+    import threading
+
+    from llmswarm.models import builtin
+
+    calls = []
+
+    def slow_convert(gguf, target, progress):
+        calls.append(target)
+        time.sleep(0.3)
+        target.mkdir()
+        (target / builtin.DONE_MARKER).write_text("{}")
+        return target
+
+    monkeypatch.setattr(builtin, "_convert", slow_convert)
+    waited = []
+    target = tmp_path / "models" / "m"
+    threads = [threading.Thread(target=builtin.convert_gguf,
+                                args=(tmp_path / "x.gguf", target, lambda task, *a: waited.append(task)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [target] and (target / builtin.DONE_MARKER).exists()
+    assert any("waiting for another process" in w for w in waited)
