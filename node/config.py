@@ -116,6 +116,7 @@ DCUTR_READ_TIMEOUT_S = 10.0  # one DCUtR message over the relayed stream: ~2 RTT
 # --------------------------------------------------------------------------------------------------
 WIRE_VERSION = 2  # 2: relay (LINK/ATTACH), step seq numbers, wire dtype
 MAX_HEADER_BYTES = 64 * 1024  # JSON header of one frame
+READ_CHUNK_BYTES = 64 * 1024  # one read from a stream asks for up to this much past what the frame still needs
 MAX_FRAME_BODY_BYTES = 256 * 1024 * 1024  # raw body of one frame (a long prefill of a wide model)
 MAX_TENSOR_RANK = 8
 MAX_TENSOR_ELEMS = MAX_FRAME_BODY_BYTES // 2  # bfloat16 elements that fit in one body
