@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
@@ -46,6 +46,9 @@ from llmswarm.node.identity import acquire_identity
 from llmswarm.node.nat import Nat, is_circuit
 from llmswarm.node.wire.messages import Error, Ping, Pong
 from llmswarm.node.wire.stream import FramedStream
+
+if TYPE_CHECKING:
+    from llmswarm.node.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,9 @@ class Host:
         self.key_pair = key_pair
         self.nat = nat  # reachability, relay reservations, circuits (node/nat.py)
         self.peer_id: str = libp2p_host.get_id().to_base58()
+        self.dataplane: DataPlane | None = None  # a server's data-plane listener (node/dataplane.py)
+        self.use_direct = config.USE_DIRECT  # move inference streams to a server's data plane when offered
+        self.direct_failed: dict[str, float] = {}  # peer id -> trio time before which we do not dial it directly
 
     @property
     def private_key(self) -> Any:

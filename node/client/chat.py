@@ -52,6 +52,7 @@ class ChatOptions:
     identity: str | None = None
     step_timeout: float = config.STEP_TIMEOUT_S
     relay: bool = True
+    direct: bool = config.USE_DIRECT  # steps over a server's TLS data plane when offered (node/dataplane.py)
     listen_host: str = config.DEFAULT_LISTEN_HOST  # where the client's host listens
     wire_dtype: str | None = None
     exact_weights: bool = False  # route only through servers with full-precision weights
@@ -104,6 +105,7 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
     listen = opts.listen_host  # 0.0.0.0: a server behind NAT can dial us back (hole punching)
     host_cm = open_host(opts.identity, listen_host=listen) if opts.identity else ephemeral_host(listen_host=listen)
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
+        host.use_direct = opts.direct
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
                                          exact_weights=opts.exact_weights, relay=opts.relay)
         if opts.show_route:

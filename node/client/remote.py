@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import trio
-from llmswarm.node import config
+from llmswarm.node import config, dataplane
 from llmswarm.node.errors import PeerError, WireError
 from llmswarm.node.host import Host
 from llmswarm.node.wire.codec import dtype_name
@@ -65,6 +65,7 @@ async def open_remote_span(host: Host, hop: Hop, request: Open, hidden_size: int
             opened = Opened.from_frame(reply)
         except WireError as e:
             raise PeerError(f"server {hop.peer_id[-8:]} answered OPEN badly: {e}") from None
+        await dataplane.dial(host, stream, opened.direct)  # the session's frames over TLS when it can
     except BaseException:
         await stream.reset()
         raise

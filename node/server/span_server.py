@@ -31,6 +31,7 @@ from llmswarm.node.host import Host
 from llmswarm.node.server import relay
 from llmswarm.node.server.scheduler import Job, Scheduler
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType
+from llmswarm.node.wire.direct import DirectOffer
 from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Step, seq_or_none
 from llmswarm.node.wire.stream import FramedStream
 
@@ -139,11 +140,17 @@ class SpanServer:
         self.stats.sessions += 1
         self.stats.sessions_total += 1
         try:
-            await stream.send(Opened(session.id, req.max_length, self.cache_tokens_left).to_frame())
+            await stream.send(Opened(session.id, req.max_length, self.cache_tokens_left,
+                                     self.offer_direct(stream)).to_frame())
             with session.scope:
                 await self._serve_client(session)
         finally:
             self._end(session)
+
+    def offer_direct(self, stream: FramedStream) -> DirectOffer | None:
+        """An offer to move this stream to our data plane (node/dataplane.py), if we run one."""
+        dataplane = self.host.dataplane if self.host is not None else None
+        return dataplane.offer(stream) if dataplane is not None else None
 
     def _admit(self, req: Open, peer: str) -> Span:
         if req.model != self.model:

@@ -7,7 +7,8 @@ Inference (`/llmswarm/inference/2`): one long-lived stream per (client session, 
     client                                             server
     Open {model, start, end, max_length,          ->
           wire_dtype?, upstream?}
-                                                  <-   Opened {session, max_length, cache_tokens_left} | Error
+                                                  <-   Opened {session, max_length, cache_tokens_left,
+                                                                direct?} | Error   (direct: node/wire/direct.py)
     Link {seq, next: {peer_id, addrs, session}}   ->   (optional: relay to the next server)
                                                   <-   Linked {seq} | Error {seq}
     Step {seq, position, relay?} + tensor         ->   (repeated: prefill, then one token per step)
@@ -39,6 +40,7 @@ import torch
 from llmswarm.node import config
 from llmswarm.node.errors import ErrorCode, RemoteError, WireError
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType, decode_tensor, encode_tensor
+from llmswarm.node.wire.direct import DirectOffer
 
 SESSION_ID_CHARS, MAX_PEER_ID_CHARS = 32, 128  # a session id is 16 random bytes, hex
 MAX_ERROR_MESSAGE_CHARS = 1024
@@ -125,16 +127,17 @@ class Opened:
     session: str
     max_length: int
     cache_tokens_left: int
+    direct: DirectOffer | None = None  # this stream may move to the server's data plane
 
     def to_frame(self) -> Frame:
-        return Frame(MsgType.OPENED, {"session": self.session, "max_length": self.max_length,
-                                      "cache_tokens_left": self.cache_tokens_left})
+        header = {"session": self.session, "max_length": self.max_length, "cache_tokens_left": self.cache_tokens_left}
+        return Frame(MsgType.OPENED, header | ({"direct": self.direct.to_header()} if self.direct else {}))
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Opened:
         h = _expect(Error.raise_if(frame), MsgType.OPENED)
         return cls(parse_session_id(h.get("session")), _int(h, "max_length", "OPENED"),
-                   _int(h, "cache_tokens_left", "OPENED"))
+                   _int(h, "cache_tokens_left", "OPENED"), DirectOffer.parse(h.get("direct")))
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,14 @@ class Attach:
 
 @dataclass(frozen=True)
 class Attached:
+    direct: DirectOffer | None = None
+
     def to_frame(self) -> Frame:
-        return Frame(MsgType.ATTACHED)
+        return Frame(MsgType.ATTACHED, {"direct": self.direct.to_header()} if self.direct else {})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Attached:
+        return cls(DirectOffer.parse(_expect(Error.raise_if(frame), MsgType.ATTACHED).get("direct")))
 
 
 @dataclass(frozen=True)
