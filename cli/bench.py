@@ -32,13 +32,17 @@ def bench_swarm(
                     f"{r['new_tokens']} tokens x {r['rounds']} rounds (medians)")
     for col in ("", "tokens/s", "ms/step", "first token ms"):
         t.add_column(col, justify="right")
-    for k in ("local", "swarm", "swarm_no_relay"):
-        t.add_row(k.replace("_", " "), f"{r[k]['tokens_per_s']:.2f}", f"{r[k]['step_ms']:.2f}",
+    for k in ("local", "swarm", "swarm_libp2p", "swarm_no_relay"):
+        label = "swarm, no data plane" if k == "swarm_libp2p" else k.replace("_", " ")
+        t.add_row(label, f"{r[k]['tokens_per_s']:.2f}", f"{r[k]['step_ms']:.2f}",
                   f"{r[k]['ttft_ms']:.1f}")
     output.console.print(t)
-    output.console.print(f"swarm / local: [bold]{r['ratio']:.3f}[/bold] (no relay {r['ratio_no_relay']:.3f})   "
+    output.console.print(f"swarm / local: [bold]{r['ratio']:.3f}[/bold] (no data plane {r['ratio_libp2p']:.3f}, "
+                         f"no relay {r['ratio_no_relay']:.3f})   "
                          f"added per hop per step: [bold]{r['added_ms_per_hop_per_step']:.2f} ms[/bold] "
-                         f"(no relay {r['added_ms_per_hop_per_step_no_relay']:.2f} ms)   "
+                         f"(no data plane {r['added_ms_per_hop_per_step_libp2p']:.2f} ms, "
+                         f"no relay {r['added_ms_per_hop_per_step_no_relay']:.2f} ms)   "
+                         f"streams on the data plane: {r['direct_streams']['swarm']} of {r['servers']}   "
                          f"relayed pairs: {r['relayed_pairs']}   token-identical: "
                          f"{r['token_identical']}   join -> announced: "
                          + ", ".join(f"{s:.1f} s" for s in r["seconds_join_to_announced"])

@@ -84,7 +84,8 @@ async def open_all(host: Host, chain: list[Hop], model: str, hidden_size: int, m
     async def open_one(i: int, hop: Hop) -> None:
         try:
             opened[i] = await open_remote_span(
-                host, hop, Open(model, hop.start, hop.end, max_length, wire, upstreams[i]), hidden_size, dtype)
+                host, hop, Open(model, hop.start, hop.end, max_length, wire, upstreams[i], host.use_direct),
+                hidden_size, dtype)
         except PeerError as e:
             failed.append(OpenFailed(hop, e))
 

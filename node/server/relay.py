@@ -91,7 +91,7 @@ async def serve_upstream(server: SpanServer, stream: FramedStream, first: Frame)
     if session.upstream_scope is not None:  # a re-link replaces the old feed
         session.upstream_scope.cancel()
     session.upstream, session.upstream_scope = stream, trio.CancelScope()
-    await stream.send(Attached(server.offer_direct(stream)).to_frame())
+    await stream.send(Attached(server.offer_direct(session, stream)).to_frame())
     with session.upstream_scope:
         while not session.closed:
             try:
