@@ -108,6 +108,7 @@ class DataPlane:
         self.ctx, self.cert = _server_context()
         self._offers: dict[str, tuple[FramedStream, float]] = {}  # token -> (stream, trio deadline)
         self._unbound = 0  # connections not yet bound to a stream
+        self.bound = self.refused = 0  # connections bound to a stream; DIRECT frames with no live offer
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled (start it with nursery.start: `port` is known when it returns)."""
@@ -146,11 +147,13 @@ class DataPlane:
                 frame = await fs.recv(timeout_s=config.DIRECT_HANDSHAKE_TIMEOUT_S, max_body=0)
                 offer = self._offers.pop(Direct.from_frame(frame).token, None)
                 if offer is None or offer[1] < trio.current_time() or offer[0].closed:
+                    self.refused += 1
                     await fs.send(Error(ErrorCode.UNKNOWN_SESSION, "no such offer").to_frame())
                     return
                 await fs.send(Directed().to_frame())
                 offer[0].switch_to(transport, fs.take_buffer())
                 bound = True
+                self.bound += 1
         except (PeerError, WireError) as e:
             log.debug("data-plane connection refused: %s", e)
         except Exception as e:  # noqa: BLE001 - TLS and socket errors of one connection end it alone

@@ -52,7 +52,8 @@ def test_relayed_chain_equals_local_span(tiny_llama, relay, direct, host_swarm):
     host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn, direct=direct)
 
 
-def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama, host_swarm):
+@pytest.mark.parametrize("direct", [False, True])
+def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama, direct, host_swarm):
     """Server 1 dies after the chain is linked: server 0's forward fails, it hands its output to the
     client, which finds server 1 dead, re-routes to the spare (server 3, same blocks), replays, and
     the outputs stay equal to the local span's."""
@@ -79,7 +80,7 @@ def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama, ho
         for remote, local in zip(outs, _local(whole, x, steps), strict=True):
             torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)  # replayed as one prefill
 
-    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6), (2, 4)], fn)
+    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6), (2, 4)], fn, direct=direct)
     assert any("recovered" in n for n in notes)
 
 

@@ -115,6 +115,10 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
         async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
                                 model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
+            if opts.show_route:
+                direct = sum(s.stream.direct for s in session.spans)
+                events.route([f"streams: {direct} of {len(session.spans)} on the data plane (TLS), "
+                              f"{len(session.spans) - direct} on libp2p"])
             await converse(opts, model, session.step, events)
 
 
