@@ -84,9 +84,12 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
                 chain = [Hop(by_start[a], a, b) for a, b in spans]
                 length = new_tokens + 256
                 async with AsyncExitStack() as stack:
-                    def opened(**kw: Any) -> Any:
-                        return stack.enter_async_context(
+                    async def opened(**kw: Any) -> Any:
+                        session = await stack.enter_async_context(
                             open_session(host, chain, spec.name, cfg.hidden_size, length, torch_dtype, **kw))
+                        await drive(steps(), session.step)  # warm up now: a session idle too long is closed
+                        return session
+
                     relayed = await opened()
                     host.use_direct = False  # the same chain, relayed, every stream on libp2p
                     over_libp2p = await opened()
@@ -94,9 +97,7 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
                     direct = await opened(relay=False)
                     sessions = {"swarm": relayed, "swarm_libp2p": over_libp2p, "swarm_no_relay": direct}
                     streams = {k: sum(s.stream.direct for s in v.spans) for k, v in sessions.items()}
-                    reference = run_sync(steps(), local)  # also warms every path up once
-                    for session in sessions.values():
-                        await drive(steps(), session.step)
+                    reference = run_sync(steps(), local)  # also warms the local path up once
                     rows: dict[str, list] = {"local": [], **{k: [] for k in sessions}}
                     same = True
                     for i in range(rounds):
