@@ -21,6 +21,7 @@ Our own PING/PONG gives sub-millisecond RTTs (libp2p's ping reports whole millis
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -49,6 +50,11 @@ from llmswarm.node.wire.stream import FramedStream
 
 if TYPE_CHECKING:
     from llmswarm.node.dataplane import DataPlane
+
+# py-libp2p's yamux sends a window update after every read by default; go-yamux's rule (an update
+# once half the window is consumed) is one frame instead of one per read: measured 1.58 -> 1.35 ms
+# CPU per STEP/OUTPUT round trip. yamux reads the variable at each read; a user's own setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 log = logging.getLogger(__name__)
 
