@@ -1,6 +1,7 @@
 """`llmswarm bench swarm`: the swarm against a local run of the same model, in one run.
 `llmswarm bench server`: one server's aggregate decode tokens/s with 1, 4, 16 concurrent sessions.
-`llmswarm bench api`: N concurrent streaming requests through `llmswarm api` (bench/api_load.py)."""
+`llmswarm bench api`: N concurrent streaming requests through `llmswarm api` (bench/api_load.py).
+`llmswarm bench hop`: one STEP/OUTPUT round trip over libp2p, the data plane and bare TCP (bench/hop.py)."""
 
 from __future__ import annotations
 
@@ -167,3 +168,29 @@ def bench_api(
     output.console.print(t)
     output.console.print(f"one `chat` through the same swarm: {r['chat_tokens_per_s']:.2f} tokens/s; API overhead "
                          f"per token at 1 request: {r['api_overhead_ms_per_token']} ms")
+
+
+def bench_hop(
+    round_trips: int = typer.Option(400, "--round-trips", "-n", min=10, max=100000, help="Round trips per round."),
+    rounds: int = typer.Option(3, "--rounds", "-r", min=1, max=100, help="Alternating rounds (median)."),
+    hidden: int = typer.Option(576, "--hidden", min=1, max=65536, help="Hidden size (float32 values per STEP)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """One STEP/OUTPUT round trip over libp2p, the data plane (TLS) and bare TCP, no model (medians)."""
+    from llmswarm.bench.hop import bench_hop as run
+
+    with output.progress(not json_out) as report:
+        r = run(round_trips, rounds, hidden, progress=report)
+    if json_out:
+        output.print_json(r)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"STEP/OUTPUT round trips, {r['body_bytes']} bytes each way, both ends in one process "
+                    f"({r['round_trips']} x {r['rounds']} rounds, medians)")
+    for col in ("", "wall ms", "CPU ms"):
+        t.add_column(col, justify="right")
+    for k, label in (("libp2p", "libp2p (Noise + yamux)"), ("data_plane", "data plane (TLS 1.3)"),
+                     ("tcp", "bare TCP (reference)")):
+        t.add_row(label, f"{r[k]['wall_ms']:.3f}", f"{r[k]['cpu_ms']:.3f}")
+    output.console.print(t)
