@@ -201,3 +201,7 @@ async def dial(host: Host, stream: FramedStream, offer: DirectOffer | None) -> b
         if tcp is not None:
             await trio.aclose_forcefully(tcp)
         return False
+    except BaseException:  # cancelled: let the half-made connection go with us
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise
