@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import torch
@@ -82,22 +83,31 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
                 by_start = {r.start: r.peer_id for r in recs}
                 chain = [Hop(by_start[a], a, b) for a, b in spans]
                 length = new_tokens + 256
-                async with open_session(host, chain, spec.name, cfg.hidden_size, length, torch_dtype) as relayed, \
-                        open_session(host, chain, spec.name, cfg.hidden_size, length, torch_dtype,
-                                     relay=False) as direct:
-                    reference = run_sync(steps(), local)  # also warms every path up once
-                    await drive(steps(), relayed.step)
-                    await drive(steps(), direct.step)
-                    rows: dict[str, list] = {"local": [], "swarm": [], "swarm_no_relay": []}
+                async with AsyncExitStack() as stack:
+                    async def opened(**kw: Any) -> Any:
+                        session = await stack.enter_async_context(
+                            open_session(host, chain, spec.name, cfg.hidden_size, length, torch_dtype, **kw))
+                        await drive(steps(), session.step)  # warm up now: a session idle too long is closed
+                        return session
+
+                    relayed = await opened()
+                    host.use_direct = False  # the same chain, relayed, every stream on libp2p
+                    over_libp2p = await opened()
+                    host.use_direct = True
+                    direct = await opened(relay=False)
+                    sessions = {"swarm": relayed, "swarm_libp2p": over_libp2p, "swarm_no_relay": direct}
+                    streams = {k: sum(s.stream.direct for s in v.spans) for k, v in sessions.items()}
+                    reference = run_sync(steps(), local)  # also warms the local path up once
+                    rows: dict[str, list] = {"local": [], **{k: [] for k in sessions}}
                     same = True
                     for i in range(rounds):
                         progress("benchmark rounds", i, rounds)
                         a = run_sync(steps(), local)
-                        b = await drive(steps(), relayed.step)
-                        c = await drive(steps(), direct.step)
-                        same = same and a.token_ids == b.token_ids == c.token_ids
-                        for k, r in (("local", a), ("swarm", b), ("swarm_no_relay", c)):
-                            rows[k].append(_row(r))
+                        rows["local"].append(_row(a))
+                        for k, session in sessions.items():  # alternated within each round
+                            b = await drive(steps(), session.step)
+                            same = same and a.token_ids == b.token_ids
+                            rows[k].append(_row(b))
                     progress("benchmark rounds", rounds, rounds)
                     pairs = relayed.relayed_pairs
                     # wire precision: the last hop's output for the prompt, and the greedy tokens
@@ -116,7 +126,7 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
                                   "max_abs": float(exact.abs().max()),
                                   "token_identical": result.token_ids == reference.token_ids,
                                   "tokens_agreeing_before_first_difference": agree}
-                return rows, same, {"relayed_pairs": pairs, "wire_dtype": wire}
+                return rows, same, {"relayed_pairs": pairs, "wire_dtype": wire, "direct_streams": streams}
 
         started = time.perf_counter()
         rows, identical, extra = trio.run(run)
@@ -125,10 +135,13 @@ def bench_swarm(model: str = "smollm2-135m", servers: int = 3, rounds: int = 3, 
     return {
         "model": spec.name, "dtype": str(torch_dtype).removeprefix("torch."), "device": dev, "servers": servers,
         "spans": [f"{a}:{b}" for a, b in spans], "rounds": rounds, "new_tokens": new_tokens,
-        "local": med["local"], "swarm": med["swarm"], "swarm_no_relay": med["swarm_no_relay"],
+        "local": med["local"], "swarm": med["swarm"], "swarm_libp2p": med["swarm_libp2p"],
+        "swarm_no_relay": med["swarm_no_relay"],
         "ratio": med["swarm"]["tokens_per_s"] / med["local"]["tokens_per_s"],
+        "ratio_libp2p": med["swarm_libp2p"]["tokens_per_s"] / med["local"]["tokens_per_s"],
         "ratio_no_relay": med["swarm_no_relay"]["tokens_per_s"] / med["local"]["tokens_per_s"],
         "added_ms_per_hop_per_step": added_ms,
+        "added_ms_per_hop_per_step_libp2p": (med["swarm_libp2p"]["step_ms"] - med["local"]["step_ms"]) / servers,
         "added_ms_per_hop_per_step_no_relay": (med["swarm_no_relay"]["step_ms"] - med["local"]["step_ms"]) / servers,
         "token_identical": identical, **extra,
         "seconds_join_to_announced": announce_s, "seconds_process_start_to_announced": process_s,

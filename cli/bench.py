@@ -1,6 +1,7 @@
 """`llmswarm bench swarm`: the swarm against a local run of the same model, in one run.
 `llmswarm bench server`: one server's aggregate decode tokens/s with 1, 4, 16 concurrent sessions.
-`llmswarm bench api`: N concurrent streaming requests through `llmswarm api` (bench/api_load.py)."""
+`llmswarm bench api`: N concurrent streaming requests through `llmswarm api` (bench/api_load.py).
+`llmswarm bench hop`: one STEP/OUTPUT round trip over libp2p, the data plane and bare TCP (bench/hop.py)."""
 
 from __future__ import annotations
 
@@ -32,13 +33,17 @@ def bench_swarm(
                     f"{r['new_tokens']} tokens x {r['rounds']} rounds (medians)")
     for col in ("", "tokens/s", "ms/step", "first token ms"):
         t.add_column(col, justify="right")
-    for k in ("local", "swarm", "swarm_no_relay"):
-        t.add_row(k.replace("_", " "), f"{r[k]['tokens_per_s']:.2f}", f"{r[k]['step_ms']:.2f}",
+    for k in ("local", "swarm", "swarm_libp2p", "swarm_no_relay"):
+        label = "swarm, no data plane" if k == "swarm_libp2p" else k.replace("_", " ")
+        t.add_row(label, f"{r[k]['tokens_per_s']:.2f}", f"{r[k]['step_ms']:.2f}",
                   f"{r[k]['ttft_ms']:.1f}")
     output.console.print(t)
-    output.console.print(f"swarm / local: [bold]{r['ratio']:.3f}[/bold] (no relay {r['ratio_no_relay']:.3f})   "
+    output.console.print(f"swarm / local: [bold]{r['ratio']:.3f}[/bold] (no data plane {r['ratio_libp2p']:.3f}, "
+                         f"no relay {r['ratio_no_relay']:.3f})   "
                          f"added per hop per step: [bold]{r['added_ms_per_hop_per_step']:.2f} ms[/bold] "
-                         f"(no relay {r['added_ms_per_hop_per_step_no_relay']:.2f} ms)   "
+                         f"(no data plane {r['added_ms_per_hop_per_step_libp2p']:.2f} ms, "
+                         f"no relay {r['added_ms_per_hop_per_step_no_relay']:.2f} ms)   "
+                         f"streams on the data plane: {r['direct_streams']['swarm']} of {r['servers']}   "
                          f"relayed pairs: {r['relayed_pairs']}   token-identical: "
                          f"{r['token_identical']}   join -> announced: "
                          + ", ".join(f"{s:.1f} s" for s in r["seconds_join_to_announced"])
@@ -163,3 +168,29 @@ def bench_api(
     output.console.print(t)
     output.console.print(f"one `chat` through the same swarm: {r['chat_tokens_per_s']:.2f} tokens/s; API overhead "
                          f"per token at 1 request: {r['api_overhead_ms_per_token']} ms")
+
+
+def bench_hop(
+    round_trips: int = typer.Option(400, "--round-trips", "-n", min=10, max=100000, help="Round trips per round."),
+    rounds: int = typer.Option(3, "--rounds", "-r", min=1, max=100, help="Alternating rounds (median)."),
+    hidden: int = typer.Option(576, "--hidden", min=1, max=65536, help="Hidden size (float32 values per STEP)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """One STEP/OUTPUT round trip over libp2p, the data plane (TLS) and bare TCP, no model (medians)."""
+    from llmswarm.bench.hop import bench_hop as run
+
+    with output.progress(not json_out) as report:
+        r = run(round_trips, rounds, hidden, progress=report)
+    if json_out:
+        output.print_json(r)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"STEP/OUTPUT round trips, {r['body_bytes']} bytes each way, both ends in one process "
+                    f"({r['round_trips']} x {r['rounds']} rounds, medians)")
+    for col in ("", "wall ms", "CPU ms"):
+        t.add_column(col, justify="right")
+    for k, label in (("libp2p", "libp2p (Noise + yamux)"), ("data_plane", "data plane (TLS 1.3)"),
+                     ("tcp", "bare TCP (reference)")):
+        t.add_row(label, f"{r[k]['wall_ms']:.3f}", f"{r[k]['cpu_ms']:.3f}")
+    output.console.print(t)

@@ -38,6 +38,9 @@ def chat(
                                        help="Seconds a server may take for one step before it is replaced."),
     relay: bool = typer.Option(True, "--relay/--no-relay",
                                help="Servers pass hidden states straight to the next server (else via this client)."),
+    direct: bool = typer.Option(True, "--direct/--no-direct",
+                                help="Steps over TLS on direct TCP connections to servers that offer it "
+                                     "(else over libp2p)."),
     wire_dtype: str = typer.Option(None, "--wire-dtype",
                                    help="float32 | bfloat16 | float16 for hidden states on the wire "
                                         "(default: the model's dtype, lossless)."),
@@ -51,7 +54,7 @@ def chat(
                        temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=check_device(device),
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
-                       listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights)
+                       direct=direct, listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights)
     run_chat_rendered(opts, json_out)
 
 

@@ -47,6 +47,11 @@ def join(
                                            "private serves through a relay (circuit relay v2)."),
     relay_service: bool = typer.Option(False, "--relay-service",
                                        help="Also relay for servers behind NAT (useful on a public server)."),
+    direct: bool = typer.Option(config.USE_DIRECT, "--direct/--no-direct",
+                                help="Carry sessions' steps over TLS on a direct TCP connection when the peer "
+                                     "can reach it (libp2p otherwise)."),
+    direct_port: int = typer.Option(0, "--direct-port", min=0, max=65535,
+                                    help="TCP port of that data plane (0 = any free port; forward it with --port)."),
     json_out: bool = typer.Option(False, "--json", help="Print the ready record as JSON on stdout."),
 ) -> None:
     """Serve a span of a model's blocks to the swarm until Ctrl-C."""
@@ -67,7 +72,8 @@ def join(
                         max_sessions=max_sessions, peer_share=peer_share, cache_tokens=cache_tokens,
                         announce_period_s=announce_period,
                         identity=identity, rebalance_period_s=rebalance_period, quant=quant,
-                        announce_addrs=announce_addr, reachability=reachability, relay_service=relay_service)
+                        announce_addrs=announce_addr, reachability=reachability, relay_service=relay_service,
+                        direct=direct, direct_port=direct_port)
     with output.progress(True) as report:
         trio.run(serve, opts, _JoinEvents(report, json_out))
 

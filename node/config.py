@@ -116,6 +116,7 @@ DCUTR_READ_TIMEOUT_S = 10.0  # one DCUtR message over the relayed stream: ~2 RTT
 # --------------------------------------------------------------------------------------------------
 WIRE_VERSION = 2  # 2: relay (LINK/ATTACH), step seq numbers, wire dtype
 MAX_HEADER_BYTES = 64 * 1024  # JSON header of one frame
+READ_CHUNK_BYTES = 64 * 1024  # one read from a stream asks for up to this much past what the frame still needs
 MAX_FRAME_BODY_BYTES = 256 * 1024 * 1024  # raw body of one frame (a long prefill of a wide model)
 MAX_TENSOR_RANK = 8
 MAX_TENSOR_ELEMS = MAX_FRAME_BODY_BYTES // 2  # bfloat16 elements that fit in one body
@@ -191,6 +192,16 @@ PAGE_TOKENS = 16
 # protocol constant: `chat --no-relay` turns it off per session).
 LINK_TIMEOUT_S = 5.0  # dial (all addresses) + ATTACH of one next hop: ~7 RTTs (1 s) + losses
 RELAY_PING_TIMEOUT_S = 2.0  # after a relayed step times out, how long each hop has to answer a ping
+
+# Data plane (node/dataplane.py): a session's stream over TLS on a direct TCP connection
+USE_DIRECT = True  # clients and relaying servers move inference streams to a server's data plane when offered
+DIRECT_DIAL_TIMEOUT_S = 2.0  # TCP + TLS 1.3 + DIRECT/DIRECTED: ~3 RTTs (0.45 s) + a lost SYN; then libp2p
+DIRECT_HANDSHAKE_TIMEOUT_S = 5.0  # a server gives an incoming connection this long to bind to a stream
+DIRECT_OFFER_TTL_S = 30.0  # an offer's token is good once, for this long
+DIRECT_RETRY_S = 300.0  # a peer whose data plane could not be used is not dialled again for this long
+MAX_DIRECT_OFFERS = 4096  # live offers per server (each is one OPEN or ATTACH)
+MAX_DIRECT_UNBOUND = 64  # incoming data-plane connections not yet bound (the rest are closed at once)
+DIRECT_CERT_DAYS = 30  # the per-process certificate's validity (pinned by hash: dates are not checked)
 MAX_RECOVERIES_PER_STEP = 4  # re-routes one step may attempt before the chat gives up with an error
 FAILOVER_WAIT_S = 30.0  # how long a chat waits for a route without its failed servers (or their return)
 REBALANCE_PERIOD_S = 120.0  # a server checks this often whether moving would markedly help the swarm

@@ -12,6 +12,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from llmswarm.models.checkpoint import Checkpoint
 from llmswarm.models.span import load_span
 from llmswarm.node import config
+from llmswarm.node.dataplane import DataPlane
 from llmswarm.node.host import open_host
 from llmswarm.node.server.span_server import SpanServer
 from llmswarm.routing import Hop
@@ -97,8 +98,9 @@ class Swarm:
         return [Hop(self.hosts[i].peer_id, self.spans[i].start, self.spans[i].end) for i in indices]
 
 
-def run_host_swarm(folder, bounds, fn, **server_kw):
-    """Servers for spans `bounds` [(a, b), ...] of the tiny checkpoint; fn(swarm, local_span)."""
+def run_host_swarm(folder, bounds, fn, direct=False, **server_kw):
+    """Servers for spans `bounds` [(a, b), ...] of the tiny checkpoint; fn(swarm, local_span).
+    `direct`: each server also runs a data plane (node/dataplane.py), as `join` does by default."""
     ckpt = Checkpoint.open(folder)
     whole = load_span(ckpt, 0, ckpt.config.num_blocks, torch.float32)
     spans = [load_span(ckpt, a, b, torch.float32) for a, b in bounds]
@@ -122,6 +124,9 @@ def run_host_swarm(folder, bounds, fn, **server_kw):
                         async with open_host(port=0, key_pair=create_new_key_pair()) as host, \
                                 trio.open_nursery() as inner:
                             server = SpanServer(MODEL, span, host=host, next_hop=next_hop, **server_kw)
+                            if direct:
+                                host.dataplane = DataPlane("127.0.0.1")
+                                await inner.start(host.dataplane.serve)
                             inner.start_soon(server.run)
                             host.set_handler(config.PROTOCOL_INFERENCE, server.handle)
                             hosts.append(host)

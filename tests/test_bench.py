@@ -79,3 +79,13 @@ def test_local_swarm_names_why_a_child_failed(tmp_path):
     with pytest.raises(NodeError, match=r"server 0 exited with code 3 before it was ready: .*no-such-model"):
         with LocalSwarm("no-such-model", [(0, 1)]):
             pass
+
+
+def test_bench_hop_measures_every_transport():
+    """The data-plane row is the stream after a real dial (bench_hop raises if it stayed on libp2p)."""
+    from llmswarm.bench.hop import bench_hop
+
+    r = bench_hop(round_trips=20, rounds=1, hidden=64)
+    assert r["body_bytes"] == 256
+    for k in ("libp2p", "data_plane", "tcp"):
+        assert r[k]["wall_ms"] > 0 and r[k]["cpu_ms"] > 0

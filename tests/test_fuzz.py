@@ -26,7 +26,8 @@ from llmswarm.node.errors import ErrorCode, RemoteError
 from llmswarm.node.host import ephemeral_host, quiet_libp2p_logging
 from llmswarm.node.identity import peer_id_of
 from llmswarm.node.wire.codec import PREFIX, MsgType
-from llmswarm.node.wire.messages import Ack, Error, Open, Opened, RecordPut, Step
+from llmswarm.node.wire.messages import Error, Open, Opened, Step
+from llmswarm.node.wire.records import Ack, RecordPut
 
 pytestmark = pytest.mark.slow
 quiet_libp2p_logging()

@@ -58,6 +58,7 @@ class FakeHost:
     def __init__(self, nursery: trio.Nursery, servers: dict[str, SpanServer], peer_id: str = "client") -> None:
         self.nursery, self.servers, self.down = nursery, servers, set()
         self.peer_id = peer_id
+        self.use_direct = False  # memory streams: no data plane to move to
 
     async def open_stream(self, peer_id: str, protocol: str) -> FramedStream:
         if peer_id in self.down:

@@ -29,7 +29,9 @@ def _local(whole, x, steps):
 
 
 @pytest.mark.parametrize("relay", [True, False])
-def test_relayed_chain_equals_local_span(tiny_llama, relay, host_swarm):
+@pytest.mark.parametrize("direct", [False, True])
+def test_relayed_chain_equals_local_span(tiny_llama, relay, direct, host_swarm):
+    """Over libp2p, and over the servers' TLS data plane (client -> server and server -> server)."""
     async def fn(swarm, whole):
         x = torch.randn(1, 5, H)
         steps = [(5 + i, torch.randn(1, 1, H)) for i in range(6)]
@@ -39,15 +41,19 @@ def test_relayed_chain_equals_local_span(tiny_llama, relay, host_swarm):
             for p, tok in steps:
                 outs.append(await s.step(tok, p))
             assert s.relayed_pairs == (2 if relay else 0)
+            assert [span.stream.direct for span in s.spans] == [direct] * 3
+            links = [sess.link for srv in swarm.servers for sess in srv.sessions.values() if sess.link]
+            assert [link.direct for link in links] == ([direct] * 2 if relay else [])
         for remote, local in zip(outs, _local(whole, x, steps), strict=True):
             torch.testing.assert_close(remote, local, rtol=0, atol=0)
         relayed = [srv.stats.relayed for srv in swarm.servers]
         assert relayed == ([7, 7, 0] if relay else [0, 0, 0])
 
-    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn)
+    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)], fn, direct=direct)
 
 
-def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama, host_swarm):
+@pytest.mark.parametrize("direct", [False, True])
+def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama, direct, host_swarm):
     """Server 1 dies after the chain is linked: server 0's forward fails, it hands its output to the
     client, which finds server 1 dead, re-routes to the spare (server 3, same blocks), replays, and
     the outputs stay equal to the local span's."""
@@ -74,7 +80,7 @@ def test_dead_next_hop_falls_back_to_client_and_failover_recovers(tiny_llama, ho
         for remote, local in zip(outs, _local(whole, x, steps), strict=True):
             torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)  # replayed as one prefill
 
-    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6), (2, 4)], fn)
+    host_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6), (2, 4)], fn, direct=direct)
     assert any("recovered" in n for n in notes)
 
 

@@ -155,9 +155,42 @@ def test_recv_rejects_oversized_frame_without_reading_body():
     async def main():
         data = struct.pack(">2sBBII", b"LS", config.WIRE_VERSION, int(MsgType.STEP), 2,
                            config.MAX_FRAME_BODY_BYTES + 1) + b"{}"
-        fake = _FakeStream(data + b"x" * 1000, chunk=1 << 20)
+        fake = _FakeStream(data + b"x" * (4 * config.READ_CHUNK_BYTES), chunk=1 << 30)
         with pytest.raises(WireError, match="exceeds"):
             await FramedStream(fake).recv(timeout_s=1)
-        assert fake.pos == 12  # only the prefix was read
+        assert fake.pos <= 12 + config.READ_CHUNK_BYTES  # read ahead at most one chunk, never the body
+
+    trio.run(main)
+
+
+def test_recv_takes_whole_frames_in_one_read():
+    """Each yamux read sends a window update: a frame the transport already holds is one read."""
+    async def main():
+        meta, body = encode_tensor(torch.randn(1, 1, 576))
+        data = encode_frame(Frame(MsgType.OUTPUT, {"t": meta}, body))
+        fake = _FakeStream(data * 3, chunk=len(data))
+        s = FramedStream(fake)
+        for _ in range(3):
+            assert (await s.recv(timeout_s=1)).type == MsgType.OUTPUT
+        assert fake.read_calls == 3
+
+    trio.run(main)
+
+
+def test_switch_to_wakes_a_waiting_recv_onto_the_new_transport():
+    async def main():
+        data = encode_frame(Frame(MsgType.CLOSE))
+        old, new = _FakeStream(b"", then="hang"), _FakeStream(data)
+        s = FramedStream(old)
+        got = []
+        async with trio.open_nursery() as nursery:
+            async def reader():
+                got.append(await s.recv(timeout_s=5))
+            nursery.start_soon(reader)
+            await trio.sleep(0.05)  # the reader waits on the old transport
+            s.switch_to(new)
+        assert got[0].type == MsgType.CLOSE and s.direct and s.libp2p is old
+        with pytest.raises(WireError):  # once only
+            s.switch_to(_FakeStream(b""))
 
     trio.run(main)

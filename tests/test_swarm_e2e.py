@@ -37,6 +37,16 @@ def test_chat_through_three_servers_matches_local(swarm, local_answer):
     assert remote["text"] == local_answer["text"] and "Paris" in remote["text"]
 
 
+def test_chat_goes_over_the_data_plane_and_without_it_matches_too(swarm, local_answer):
+    """Real processes: the client's streams move to the servers' TLS data plane (relay links too, see
+    test_dataplane.py); --no-direct keeps everything on libp2p. Both equal `chat --local`."""
+    for flag, line in ((), "streams: 3 of 3 on the data plane"), (("--no-direct",), "streams: 0 of 3 on"):
+        res = cli("chat", "--prompt", PROMPT, "--json", "-n", "24", "--peers", swarm.peers[0], "--show-route", *flag)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["token_ids"] == local_answer["token_ids"]
+        assert line in res.stderr, res.stderr
+
+
 def test_two_clients_at_once_both_match_local(swarm, local_answer):
     cmd = llmswarm_command("chat", "--prompt", PROMPT, "--json", "-n", "24", "--peers", swarm.peers[0])
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -52,6 +52,7 @@ class ChatOptions:
     identity: str | None = None
     step_timeout: float = config.STEP_TIMEOUT_S
     relay: bool = True
+    direct: bool = config.USE_DIRECT  # steps over a server's TLS data plane when offered (node/dataplane.py)
     listen_host: str = config.DEFAULT_LISTEN_HOST  # where the client's host listens
     wire_dtype: str | None = None
     exact_weights: bool = False  # route only through servers with full-precision weights
@@ -104,6 +105,7 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
     listen = opts.listen_host  # 0.0.0.0: a server behind NAT can dial us back (hole punching)
     host_cm = open_host(opts.identity, listen_host=listen) if opts.identity else ephemeral_host(listen_host=listen)
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
+        host.use_direct = opts.direct
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
                                          exact_weights=opts.exact_weights, relay=opts.relay)
         if opts.show_route:
@@ -113,6 +115,10 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
         async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
                                 model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
+            if opts.show_route:
+                direct = sum(s.stream.direct for s in session.spans)
+                events.route([f"streams: {direct} of {len(session.spans)} on the data plane (TLS), "
+                              f"{len(session.spans) - direct} on libp2p"])
             await converse(opts, model, session.step, events)
 
 

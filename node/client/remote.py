@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import trio
-from llmswarm.node import config
+from llmswarm.node import config, dataplane
 from llmswarm.node.errors import PeerError, WireError
 from llmswarm.node.host import Host
 from llmswarm.node.wire.codec import dtype_name
@@ -65,6 +65,7 @@ async def open_remote_span(host: Host, hop: Hop, request: Open, hidden_size: int
             opened = Opened.from_frame(reply)
         except WireError as e:
             raise PeerError(f"server {hop.peer_id[-8:]} answered OPEN badly: {e}") from None
+        await dataplane.dial(host, stream, opened.direct)  # the session's frames over TLS when it can
     except BaseException:
         await stream.reset()
         raise
@@ -83,7 +84,8 @@ async def open_all(host: Host, chain: list[Hop], model: str, hidden_size: int, m
     async def open_one(i: int, hop: Hop) -> None:
         try:
             opened[i] = await open_remote_span(
-                host, hop, Open(model, hop.start, hop.end, max_length, wire, upstreams[i]), hidden_size, dtype)
+                host, hop, Open(model, hop.start, hop.end, max_length, wire, upstreams[i], host.use_direct),
+                hidden_size, dtype)
         except PeerError as e:
             failed.append(OpenFailed(hop, e))
 

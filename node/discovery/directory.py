@@ -39,7 +39,7 @@ from llmswarm.node.discovery.records import RecordStore, ServerRecord, sign_reco
 from llmswarm.node.errors import DuplicatePeerError, ErrorCode, NodeError, PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.host import Host
 from llmswarm.node.wire.codec import MsgType
-from llmswarm.node.wire.messages import Ack, RecordPut, Records, RecordsGet
+from llmswarm.node.wire.records import Ack, RecordPut, Records, RecordsGet
 from llmswarm.node.wire.stream import FramedStream
 
 log = logging.getLogger(__name__)

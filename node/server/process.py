@@ -26,6 +26,7 @@ from llmswarm.models.fetch import locate
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import Span, load_span, parse_dtype
 from llmswarm.node import config
+from llmswarm.node.dataplane import DataPlane
 from llmswarm.node.discovery.directory import Directory, announce_forever, open_directory
 from llmswarm.node.discovery.records import ServerRecord, sign_record
 from llmswarm.node.discovery.swarm_view import live_records
@@ -59,6 +60,8 @@ class ServeOptions:
     quant: str = "none"  # "none" | "int8" | "nf4" (models/quant.py)
     reachability: str = "auto"  # "auto" (AutoNAT decides) | "public" | "private" (node/server/reach.py)
     relay_service: bool = False  # offer circuit-relay slots to servers behind NAT (if we are public)
+    direct: bool = config.USE_DIRECT  # a TLS data plane for sessions' streams (node/dataplane.py)
+    direct_port: int = 0  # its TCP port (0: any free one; it is offered over libp2p, never announced)
 
 
 class ServeEvents:
@@ -131,7 +134,11 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
     joined_at = time.monotonic()
     async with open_host(opts.identity, port=opts.port, listen_host=opts.listen_host,
                          announce_addrs=opts.announce_addrs, relay_service=opts.relay_service,
-                         reachability=opts.reachability) as host:
+                         reachability=opts.reachability) as host, trio.open_nursery() as plane:
+        host.use_direct = opts.direct
+        if opts.direct:
+            host.dataplane = DataPlane(opts.listen_host, opts.direct_port)
+            await plane.start(host.dataplane.serve)
         async with open_directory(host, opts.peers, [spec.name]) as directory:
             folder = await in_passing_thread(lambda: locate(spec, events.progress, _want_for(opts)))
             ckpt = Checkpoint.open(folder)
@@ -169,10 +176,12 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                               "device": str(span.device),
                               "seconds_to_announce": round(time.monotonic() - joined_at, 3),
                               "inference_rps": round(speed.inference_rps, 2), "reachability": host.nat.reachability,
+                              "direct_port": host.dataplane.port if host.dataplane else None,
                               "throughput": round(speed.throughput, 2)})
                 await _until_signal()
                 events.stopping()
                 nursery.cancel_scope.cancel()  # announce_forever publishes "offline" on its way out
+        plane.cancel_scope.cancel()
 
 
 class _State:

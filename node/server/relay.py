@@ -14,7 +14,7 @@ import math
 from typing import TYPE_CHECKING
 
 import trio
-from llmswarm.node import config
+from llmswarm.node import config, dataplane
 from llmswarm.node.errors import ErrorCode, PeerError, RemoteError, WireError
 from llmswarm.node.wire.codec import Frame, MsgType
 from llmswarm.node.wire.messages import Attach, Attached, Error, Link, Linked, NextHop, seq_or_none
@@ -72,8 +72,11 @@ async def _attach(server: SpanServer, nxt: NextHop) -> FramedStream:
         raise PeerError(f"could not reach the next server within {config.LINK_TIMEOUT_S:g} s")
     try:
         reply = await stream.request(Attach(nxt.session).to_frame(), timeout_s=config.LINK_TIMEOUT_S)
-        if reply.type != MsgType.ATTACHED:
-            raise PeerError(f"next server answered ATTACH with {reply.type.name}")
+        try:
+            offer = Attached.from_frame(reply).direct
+        except WireError as e:
+            raise PeerError(f"next server answered ATTACH badly: {e}") from None
+        await dataplane.dial(host, stream, offer)  # relayed steps go over TLS when it can; else libp2p
     except BaseException:
         await stream.reset()
         raise
@@ -88,7 +91,7 @@ async def serve_upstream(server: SpanServer, stream: FramedStream, first: Frame)
     if session.upstream_scope is not None:  # a re-link replaces the old feed
         session.upstream_scope.cancel()
     session.upstream, session.upstream_scope = stream, trio.CancelScope()
-    await stream.send(Attached().to_frame())
+    await stream.send(Attached(server.offer_direct(session, stream)).to_frame())
     with session.upstream_scope:
         while not session.closed:
             try:

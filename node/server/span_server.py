@@ -31,6 +31,7 @@ from llmswarm.node.host import Host
 from llmswarm.node.server import relay
 from llmswarm.node.server.scheduler import Job, Scheduler
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType
+from llmswarm.node.wire.direct import DirectOffer
 from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Step, seq_or_none
 from llmswarm.node.wire.stream import FramedStream
 
@@ -62,6 +63,7 @@ class Session:
     wire_dtype: torch.dtype | None
     upstream_peer: str | None
     peer: str  # the client's peer id: whose fair share this session counts against
+    direct: bool = True  # its streams (the client's, the relay feed into it) may move to our data plane
     send_lock: trio.Lock = field(default_factory=trio.Lock)  # client stream: written by two tasks
     step_lock: trio.Lock = field(default_factory=trio.Lock)  # one step of a session at a time
     link: FramedStream | None = None  # to the next server, for relayed outputs
@@ -134,16 +136,23 @@ class SpanServer:
         peer = stream.remote_peer_id
         span = self._admit(req, peer)
         session = Session(secrets.token_hex(16), span, self.pool.sequence(req.max_length), req.max_length, stream,
-                          DTYPES[req.wire_dtype] if req.wire_dtype else None, req.upstream, peer)
+                          DTYPES[req.wire_dtype] if req.wire_dtype else None, req.upstream, peer, req.direct)
         self.sessions[session.id] = session
         self.stats.sessions += 1
         self.stats.sessions_total += 1
         try:
-            await stream.send(Opened(session.id, req.max_length, self.cache_tokens_left).to_frame())
+            await stream.send(Opened(session.id, req.max_length, self.cache_tokens_left,
+                                     self.offer_direct(session, stream)).to_frame())
             with session.scope:
                 await self._serve_client(session)
         finally:
             self._end(session)
+
+    def offer_direct(self, session: Session, stream: FramedStream) -> DirectOffer | None:
+        """An offer to move a stream of `session` to our data plane (node/dataplane.py), if we run
+        one and the client did not open the session with direct: false."""
+        dataplane = self.host.dataplane if self.host is not None else None
+        return dataplane.offer(stream) if dataplane is not None and session.direct else None
 
     def _admit(self, req: Open, peer: str) -> Span:
         if req.model != self.model:

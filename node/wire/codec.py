@@ -52,6 +52,8 @@ class MsgType(IntEnum):
     LINKED = 15
     ATTACH = 16  # server -> next server: this stream feeds session <id> (relayed STEPs)
     ATTACHED = 17
+    DIRECT = 18  # first frame on a data-plane TLS connection: carry the stream this token was offered on
+    DIRECTED = 19
 
 
 _TYPES = frozenset(int(t) for t in MsgType)

@@ -6,8 +6,9 @@ Inference (`/llmswarm/inference/2`): one long-lived stream per (client session, 
 
     client                                             server
     Open {model, start, end, max_length,          ->
-          wire_dtype?, upstream?}
-                                                  <-   Opened {session, max_length, cache_tokens_left} | Error
+          wire_dtype?, upstream?, direct?}
+                                                  <-   Opened {session, max_length, cache_tokens_left,
+                                                                direct?} | Error   (direct: node/wire/direct.py)
     Link {seq, next: {peer_id, addrs, session}}   ->   (optional: relay to the next server)
                                                   <-   Linked {seq} | Error {seq}
     Step {seq, position, relay?} + tensor         ->   (repeated: prefill, then one token per step)
@@ -26,8 +27,7 @@ carries on from there.
 A stream that ends without Close is a failure on either side; an Error reply leaves the session open.
 `position` is where the step's first token goes: below the cache's length it rewinds there; above, error.
 
-Records (`/llmswarm/records/1`): RecordsGet {model|null} -> Records {lengths} + envelopes;
-RecordPut + envelope -> Ack {added}. Ping (`/llmswarm/ping/1`): Ping {n} -> Pong {n}.
+Records (`/llmswarm/records/1`): node/wire/records.py. Ping (`/llmswarm/ping/1`): Ping {n} -> Pong {n}.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 from llmswarm.node import config
 from llmswarm.node.errors import ErrorCode, RemoteError, WireError
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType, decode_tensor, encode_tensor
+from llmswarm.node.wire.direct import DirectOffer
 
 SESSION_ID_CHARS, MAX_PEER_ID_CHARS = 32, 128  # a session id is 16 random bytes, hex
 MAX_ERROR_MESSAGE_CHARS = 1024
@@ -92,15 +93,15 @@ class Open:
     max_length: int
     wire_dtype: str | None = None  # dtype of the outputs this session wants; None: the input's dtype
     upstream: str | None = None  # peer id allowed to ATTACH (the previous server of the chain)
+    direct: bool = True  # False: keep this session (and relay links into it) on libp2p, no data plane
 
     def to_frame(self) -> Frame:
         header: dict[str, Any] = {"model": self.model, "start": self.start, "end": self.end,
                                   "max_length": self.max_length}
-        if self.wire_dtype is not None:
-            header["wire_dtype"] = self.wire_dtype
-        if self.upstream is not None:
-            header["upstream"] = self.upstream
-        return Frame(MsgType.OPEN, header)
+        for key, value in (("wire_dtype", self.wire_dtype), ("upstream", self.upstream)):
+            if value is not None:
+                header[key] = value
+        return Frame(MsgType.OPEN, header | ({} if self.direct else {"direct": False}))
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Open:
@@ -111,13 +112,14 @@ class Open:
         values = [h.get(k) for k in ("start", "end", "max_length")]
         if any(type(v) is not int for v in values):
             raise WireError("OPEN needs integer start, end and max_length")
-        wire_dtype = h.get("wire_dtype")
+        wire_dtype, upstream, direct = h.get("wire_dtype"), h.get("upstream"), h.get("direct", True)
         if wire_dtype is not None and wire_dtype not in DTYPES:
             raise WireError(f"wire_dtype {wire_dtype!r} is not one of {', '.join(DTYPES)}")
-        upstream = h.get("upstream")
         if upstream is not None:
             _peer_id(upstream, "OPEN upstream")
-        return cls(model, *values, wire_dtype, upstream)
+        if type(direct) is not bool:
+            raise WireError("OPEN direct must be true or false")
+        return cls(model, *values, wire_dtype, upstream, direct)
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,17 @@ class Opened:
     session: str
     max_length: int
     cache_tokens_left: int
+    direct: DirectOffer | None = None  # this stream may move to the server's data plane
 
     def to_frame(self) -> Frame:
-        return Frame(MsgType.OPENED, {"session": self.session, "max_length": self.max_length,
-                                      "cache_tokens_left": self.cache_tokens_left})
+        header = {"session": self.session, "max_length": self.max_length, "cache_tokens_left": self.cache_tokens_left}
+        return Frame(MsgType.OPENED, header | ({"direct": self.direct.to_header()} if self.direct else {}))
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Opened:
         h = _expect(Error.raise_if(frame), MsgType.OPENED)
         return cls(parse_session_id(h.get("session")), _int(h, "max_length", "OPENED"),
-                   _int(h, "cache_tokens_left", "OPENED"))
+                   _int(h, "cache_tokens_left", "OPENED"), DirectOffer.parse(h.get("direct")))
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,14 @@ class Attach:
 
 @dataclass(frozen=True)
 class Attached:
+    direct: DirectOffer | None = None
+
     def to_frame(self) -> Frame:
-        return Frame(MsgType.ATTACHED)
+        return Frame(MsgType.ATTACHED, {"direct": self.direct.to_header()} if self.direct else {})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Attached:
+        return cls(DirectOffer.parse(_expect(Error.raise_if(frame), MsgType.ATTACHED).get("direct")))
 
 
 @dataclass(frozen=True)
@@ -335,66 +344,3 @@ class Pong:
     @classmethod
     def from_frame(cls, frame: Frame) -> Pong:
         return cls(_int(_expect(Error.raise_if(frame), MsgType.PONG), "n", "PONG"))
-
-
-@dataclass(frozen=True)
-class RecordsGet:
-    model: str | None  # None: every model's records
-
-    def to_frame(self) -> Frame:
-        return Frame(MsgType.RECORDS_GET, {"model": self.model})
-
-    @classmethod
-    def from_frame(cls, frame: Frame) -> RecordsGet:
-        model = _expect(frame, MsgType.RECORDS_GET).get("model")
-        if model is not None and not (isinstance(model, str) and len(model) <= config.MAX_RECORD_STRING_CHARS):
-            raise WireError("RECORDS_GET model must be a model name or null")
-        return cls(model)
-
-
-@dataclass(frozen=True)
-class Records:
-    envelopes: list[bytes]
-
-    def to_frame(self) -> Frame:
-        return Frame(MsgType.RECORDS, {"lengths": [len(e) for e in self.envelopes]}, b"".join(self.envelopes))
-
-    @classmethod
-    def from_frame(cls, frame: Frame) -> Records:
-        lengths = _expect(Error.raise_if(frame), MsgType.RECORDS).get("lengths")
-        if not isinstance(lengths, list) or not all(
-            type(n) is int and 0 < n <= config.MAX_RECORD_BYTES for n in lengths
-        ):
-            raise WireError("RECORDS frame needs a list of record lengths")
-        if sum(lengths) != len(frame.body):
-            raise WireError("RECORDS frame lengths do not add up to its body")
-        out, pos = [], 0
-        for n in lengths:
-            out.append(bytes(frame.body[pos : pos + n]))
-            pos += n
-        return cls(out)
-
-
-@dataclass(frozen=True)
-class RecordPut:
-    envelope: bytes
-
-    def to_frame(self) -> Frame:
-        return Frame(MsgType.RECORD_PUT, {}, self.envelope)
-
-    @classmethod
-    def from_frame(cls, frame: Frame) -> RecordPut:
-        _expect(frame, MsgType.RECORD_PUT)
-        return cls(bytes(frame.body))
-
-
-@dataclass(frozen=True)
-class Ack:
-    added: bool
-
-    def to_frame(self) -> Frame:
-        return Frame(MsgType.ACK, {"added": self.added})
-
-    @classmethod
-    def from_frame(cls, frame: Frame) -> Ack:
-        return cls(_expect(Error.raise_if(frame), MsgType.ACK).get("added") is True)

@@ -1,5 +1,8 @@
 """Frames over one libp2p stream: whole frames in and out, every wait bounded.
 
+A stream may move, between two frames, to a direct TLS connection (node/dataplane.py: `switch_to`);
+the same frames then travel over it, and the libp2p stream stays open and idle until it is closed.
+
 py-libp2p reports a peer killed mid-reply as a clean EOF, so a reader that hits EOF inside a frame
 (before `12 + header_len + body_len` bytes) raises PeerError instead of returning a short reply; EOF
 between frames is PeerClosed, the normal end of a request loop. A frame's prefix is checked before
@@ -18,15 +21,41 @@ from llmswarm.node.wire.messages import Error
 
 
 class FramedStream:
-    """Frames over one libp2p stream. Not safe for concurrent send() or recv() from two tasks."""
+    """Frames over one libp2p stream (or the data-plane connection it moved to). Not safe for
+    concurrent send() or recv() from two tasks. `stream` is anything with read(n), write(data),
+    close() and reset(): a py-libp2p stream or node/dataplane.py's TlsTransport."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        self._buf = bytearray()  # bytes read past the current frame (never more than one read)
+        self._buf = bytearray()  # bytes read but not yet returned (at most READ_CHUNK_BYTES past a frame)
+        self.libp2p: Any = stream  # the stream libp2p authenticated: whose peer id, and kept open when direct
+        self.closed = False
+        self._waiting: trio.CancelScope | None = None  # a recv() waiting for a frame's first byte
+        self._mid_frame = False
 
     @property
     def remote_peer_id(self) -> str:
-        return str(self.stream.muxed_conn.peer_id)
+        return str(self.libp2p.muxed_conn.peer_id)
+
+    @property
+    def direct(self) -> bool:
+        """Frames travel over the data plane (a direct TLS connection), not libp2p."""
+        return self.stream is not self.libp2p
+
+    def switch_to(self, transport: Any, buffered: bytes | bytearray = b"") -> None:
+        """From the next frame on, read and write over `transport` (`buffered`: bytes already read from
+        it). Only between frames, once, on an open stream; a recv() waiting for a first byte is woken
+        to wait on the new transport. WireError if the stream cannot switch now."""
+        if self.direct or self.closed or self._mid_frame or self._buf:
+            raise WireError("this stream cannot move to the data plane now")
+        self.stream, self._buf = transport, bytearray(buffered)
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def take_buffer(self) -> bytearray:
+        """Bytes read past the last frame (handed on with the transport by switch_to)."""
+        out, self._buf = self._buf, bytearray()
+        return out
 
     async def send(self, frame: Frame, *, timeout_s: float = config.WRITE_TIMEOUT_S) -> None:
         data = encode_frame(frame)
@@ -41,27 +70,24 @@ class FramedStream:
             raise PeerError(f"could not send to peer: {type(e).__name__}: {e}") from None
 
     async def _read_exactly(self, n: int) -> bytearray:
-        out = bytearray()
-        if self._buf:
-            take = min(n, len(self._buf))
-            out += self._buf[:take]
-            del self._buf[:take]
-        while len(out) < n:
+        # Ask the transport for whatever it holds (at least the rest of this piece, up to
+        # READ_CHUNK_BYTES more) and keep the excess: one read per frame instead of four. Each yamux
+        # read also sends a window update, so fewer reads are fewer frames on the wire.
+        while len(self._buf) < n:
             try:
-                chunk = await self.stream.read(n - len(out))
+                chunk = await self.stream.read(max(n - len(self._buf), config.READ_CHUNK_BYTES))
             except (trio.Cancelled, KeyboardInterrupt):
                 raise
-            except Exception as e:  # StreamEOF, StreamReset, StreamError, muxer errors
+            except Exception as e:  # StreamEOF, StreamReset, StreamError, muxer errors, TLS errors
                 chunk = None
                 cause = type(e).__name__
             else:
                 cause = "EOF"
             if not chunk:
-                raise _EOFInside(cause, len(out))
-            if len(chunk) > n - len(out):  # defensive: a muxer that returns more than asked
-                self._buf += chunk[n - len(out) :]
-                chunk = chunk[: n - len(out)]
-            out += chunk
+                raise _EOFInside(cause, len(self._buf))
+            self._buf += chunk
+        out = self._buf[:n]
+        del self._buf[:n]
         return out
 
     async def recv(self, *, timeout_s: float = config.READ_TIMEOUT_S, max_body: int | None = None) -> Frame:
@@ -72,11 +98,9 @@ class FramedStream:
         read. EOF before the first byte -> PeerClosed."""
         try:
             with trio.fail_after(timeout_s):
-                try:
-                    first = await self._read_exactly(1)
-                except _EOFInside:
-                    raise PeerClosed("peer closed the stream instead of replying") from None
+                first = await self._first_byte()
             frame_s = config.FRAME_TIMEOUT_S
+            self._mid_frame = True
             with trio.fail_after(frame_s) as scope:
                 prefix = first + await self._read_exactly(PREFIX_BYTES - 1)
                 mtype, header_len, body_len = parse_prefix(prefix)
@@ -90,7 +114,20 @@ class FramedStream:
             raise PeerError(f"peer closed the stream mid-message ({e.cause})") from None
         except trio.TooSlowError:
             raise PeerError(f"peer sent no complete frame within {min(timeout_s, frame_s):g} s") from None
+        finally:
+            self._mid_frame = False
         return Frame(mtype, header, body)
+
+    async def _first_byte(self) -> bytearray:
+        while True:
+            with trio.CancelScope() as self._waiting:
+                try:
+                    return await self._read_exactly(1)
+                except _EOFInside:
+                    raise PeerClosed("peer closed the stream instead of replying") from None
+                finally:
+                    self._waiting = None
+            # switch_to cancelled the wait: wait on the new transport
 
     async def request(self, frame: Frame, *, timeout_s: float = config.REQUEST_TIMEOUT_S) -> Frame:
         """Send one frame, read one reply; ERROR replies raise RemoteError."""
@@ -102,22 +139,30 @@ class FramedStream:
         return Error.raise_if(reply)
 
     async def close(self) -> None:
-        """Graceful close, bounded; falls back to reset. Never raises."""
-        with trio.move_on_after(config.CLOSE_TIMEOUT_S):
-            try:
-                await self.stream.close()
-                return
-            except Exception:
-                pass
-        await self.reset()  # close failed or timed out
+        """Graceful close (both transports once direct), bounded; falls back to reset. Never raises."""
+        self.closed = True
+        for stream in {id(s): s for s in (self.stream, self.libp2p)}.values():
+            with trio.move_on_after(config.CLOSE_TIMEOUT_S):
+                try:
+                    await stream.close()
+                    continue
+                except Exception:
+                    pass
+            await _reset(stream)  # close failed or timed out
 
     async def reset(self) -> None:
         """Abort the stream (the peer's reads fail at once). Never raises."""
-        with trio.move_on_after(config.CLOSE_TIMEOUT_S):
-            try:
-                await self.stream.reset()
-            except Exception:
-                pass
+        self.closed = True
+        for stream in {id(s): s for s in (self.stream, self.libp2p)}.values():
+            await _reset(stream)
+
+
+async def _reset(stream: Any) -> None:
+    with trio.move_on_after(config.CLOSE_TIMEOUT_S):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
 
 
 class _EOFInside(Exception):

@@ -1,0 +1,207 @@
+"""The data plane: a session's hot stream moved off libp2p onto TLS over a direct TCP connection.
+
+py-libp2p's Python Noise + yamux path costs about a millisecond per message; TLS from the standard
+library over one TCP connection costs a fraction of that. Discovery, OPEN/ATTACH and everything
+else stay on libp2p; only the frames of one inference stream (client -> server, or server -> next
+server with relay) move, and they are the same frames (node/wire/).
+
+How it is authenticated (node/wire/direct.py has the exchange): a server makes one self-signed
+certificate per process and offers, over the Noise-authenticated libp2p stream, its data-plane port,
+the certificate's SHA-256 and a single-use token. The dialer connects to the IP its libp2p
+connection already reaches, requires TLS 1.3 and exactly that certificate (pinning: no CA, no
+hostname), and presents the token inside TLS; the server binds the connection to the stream the
+token was offered on. No home-made cryptography: the TLS handshake proves the server holds the
+pinned key, and the token never leaves the two channels that are encrypted to it.
+
+Anything that goes wrong (no direct libp2p connection to the peer, a closed or filtered port, a
+different certificate, a refused token) leaves the stream on libp2p: the dialer falls back, bounded
+by DIRECT_DIAL_TIMEOUT_S, and skips that peer for DIRECT_RETRY_S.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import secrets
+import ssl
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from llmswarm.node import config
+from llmswarm.node.errors import ErrorCode, NodeError, PeerError, RemoteError, WireError
+from llmswarm.node.nat import DIRECT
+from llmswarm.node.wire.codec import MsgType
+from llmswarm.node.wire.direct import Direct, Directed, DirectOffer
+from llmswarm.node.wire.messages import Error
+from llmswarm.node.wire.stream import FramedStream
+
+if TYPE_CHECKING:
+    from llmswarm.node.host import Host
+
+log = logging.getLogger(__name__)
+
+
+class TlsTransport:
+    """A trio.SSLStream with the read/write/close/reset a FramedStream uses."""
+
+    def __init__(self, tls: trio.SSLStream) -> None:
+        self.tls = tls
+        self.done = trio.Event()  # closed or reset by its owner
+
+    async def read(self, n: int) -> bytes:
+        return await self.tls.receive_some(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.tls.send_all(data)
+
+    async def close(self) -> None:
+        self.done.set()
+        await self.tls.aclose()  # close_notify: the peer reads a clean EOF
+
+    async def reset(self) -> None:
+        self.done.set()
+        await self.tls.transport_stream.aclose()  # no close_notify: the peer's read fails
+
+
+def _server_context() -> tuple[ssl.SSLContext, str]:
+    """A fresh self-signed EC P-256 certificate for this process: the TLS server context, and the
+    certificate's SHA-256 (hex) that is pinned by whoever receives an offer."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llmswarm data plane")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=config.DIRECT_CERT_DAYS)).sign(key, hashes.SHA256()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.num_tickets = 0  # no resumption: every connection is a full handshake against the pinned key
+    with tempfile.TemporaryDirectory() as folder:  # load_cert_chain reads files; the folder is 0700
+        pem = Path(folder, "cert.pem")
+        pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        ctx.load_cert_chain(pem)
+    return ctx, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # no names and no CAs: the certificate itself is pinned (dial())
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class DataPlane:
+    """A server's data-plane listener and the offers it has made."""
+
+    def __init__(self, listen_host: str = config.DEFAULT_LISTEN_HOST, port: int = 0) -> None:
+        self.listen_host, self.want_port = listen_host, port
+        self.port = 0  # once listening
+        self.ctx, self.cert = _server_context()
+        self._offers: dict[str, tuple[FramedStream, float]] = {}  # token -> (stream, trio deadline)
+        self._unbound = 0  # connections not yet bound to a stream
+        self.bound = self.refused = 0  # connections bound to a stream; DIRECT frames with no live offer
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled (start it with nursery.start: `port` is known when it returns)."""
+        try:
+            listeners = await trio.open_tcp_listeners(self.want_port, host=self.listen_host)
+        except OSError as e:
+            raise NodeError(f"cannot listen for the data plane on {self.listen_host}:{self.want_port}: {e}; "
+                            "pick another --direct-port or use --no-direct") from None
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def offer(self, stream: FramedStream) -> DirectOffer | None:
+        """A single-use offer to move `stream` here, or None (not listening, or too many pending)."""
+        if not self.port:
+            return None
+        now = trio.current_time()
+        self._offers = {t: o for t, o in self._offers.items() if o[1] > now and not o[0].closed}
+        if len(self._offers) >= config.MAX_DIRECT_OFFERS:
+            return None
+        token = secrets.token_hex(32)
+        self._offers[token] = (stream, now + config.DIRECT_OFFER_TTL_S)
+        return DirectOffer(self.port, self.cert, token)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        """One incoming connection: TLS, then DIRECT {token}; bound to its stream, or closed."""
+        if self._unbound >= config.MAX_DIRECT_UNBOUND:
+            await trio.aclose_forcefully(tcp)
+            return
+        self._unbound += 1
+        transport = TlsTransport(trio.SSLStream(tcp, self.ctx, server_side=True))
+        bound = False
+        try:
+            with trio.move_on_after(config.DIRECT_HANDSHAKE_TIMEOUT_S):
+                fs = FramedStream(transport)
+                frame = await fs.recv(timeout_s=config.DIRECT_HANDSHAKE_TIMEOUT_S, max_body=0)
+                offer = self._offers.pop(Direct.from_frame(frame).token, None)
+                if offer is None or offer[1] < trio.current_time() or offer[0].closed:
+                    self.refused += 1
+                    await fs.send(Error(ErrorCode.UNKNOWN_SESSION, "no such offer").to_frame())
+                    return
+                await fs.send(Directed().to_frame())
+                offer[0].switch_to(transport, fs.take_buffer())
+                bound = True
+                self.bound += 1
+        except (PeerError, WireError) as e:
+            log.debug("data-plane connection refused: %s", e)
+        except Exception as e:  # noqa: BLE001 - TLS and socket errors of one connection end it alone
+            log.debug("data-plane connection failed: %s: %s", type(e).__name__, e)
+        finally:
+            self._unbound -= 1
+            if not bound:
+                await trio.aclose_forcefully(tcp)
+        if bound:  # the stream owns the connection now; trio closes it when this handler returns
+            await transport.done.wait()
+
+
+async def dial(host: Host, stream: FramedStream, offer: DirectOffer | None) -> bool:
+    """Move `stream` (just opened or attached, nothing read or sent since) to the offered data plane.
+    True when it moved; False (and the stream still on libp2p) when it cannot. Never raises."""
+    if offer is None or not host.use_direct:
+        return False
+    peer = stream.remote_peer_id
+    if host.reach(peer) != DIRECT or trio.current_time() < host.direct_failed.get(peer, 0.0):
+        return False  # relayed or hole-punched: a second direct connection would not get through
+    try:
+        ip = stream.libp2p.get_remote_address()[0]
+    except Exception:  # noqa: BLE001 - a transport without an address (a relay circuit)
+        return False
+    tcp: trio.SocketStream | None = None
+    try:
+        with trio.fail_after(config.DIRECT_DIAL_TIMEOUT_S):
+            tcp = await trio.open_tcp_stream(ip, offer.port)
+            tls = trio.SSLStream(tcp, _client_context())
+            await tls.do_handshake()
+            der = tls.getpeercert(binary_form=True) or b""
+            if hashlib.sha256(der).hexdigest() != offer.cert:
+                raise PeerError("the data plane presented another certificate than the one offered")
+            fs = FramedStream(TlsTransport(tls))
+            await fs.send(Direct(offer.token).to_frame())
+            reply = await fs.recv(timeout_s=config.DIRECT_DIAL_TIMEOUT_S, max_body=0)
+            if Error.raise_if(reply).type != MsgType.DIRECTED:
+                raise WireError(f"expected DIRECTED, got {reply.type.name}")
+            stream.switch_to(fs.stream, fs.take_buffer())
+            return True
+    except (trio.TooSlowError, PeerError, WireError, RemoteError, OSError, ssl.SSLError,
+            trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        log.debug("data plane of %s not used: %s: %s", peer[-8:], type(e).__name__, e)
+        host.direct_failed[peer] = trio.current_time() + config.DIRECT_RETRY_S
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        return False
+    except BaseException:  # cancelled: let the half-made connection go with us
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise
