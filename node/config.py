@@ -185,6 +185,12 @@ BATCH_WINDOW_S = 0.03
 BATCH_WINDOW_FRACTION = 0.5
 BATCH_ACTIVE_S = 1.0  # a session that stepped this recently is expected to step again soon
 MAX_BATCH_SESSIONS = 64  # decode steps in one batch
+# The same on the client side (node/client/batcher.py): a client driving many generations (the API)
+# runs their LM heads as one call per round. When other generations are decoding and have not asked
+# yet, it waits for them up to HEAD_WINDOW_FRACTION of a round (so generations out of phase meet within
+# two rounds, and the servers then get their steps together), and never longer than HEAD_WINDOW_S.
+HEAD_WINDOW_S = 1.0
+HEAD_WINDOW_FRACTION = 0.5
 # Paged KV cache: a server's cache budget is a pool of pages of this many tokens, taken as sessions grow.
 PAGE_TOKENS = 16
 # Relay: clients link each server to the next so hidden states go server to server (config, not a
