@@ -45,6 +45,7 @@ class BackendOptions:
     step_timeout: float = config.STEP_TIMEOUT_S
     relay: bool = True
     exact_weights: bool = False
+    batch_heads: bool = True  # the heads of concurrent requests as one call per round (node/client/batcher.py)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class SwarmBackend:
         self.host, self.directory, self.model, self.opts = host, directory, model, opts
         self.rtts = rtts
         self.active = 0  # requests holding a slot
-        self.batcher = HeadBatcher(model.parts)  # its `serve` runs in the API's nursery (serve.py)
+        self.batcher = HeadBatcher(model.parts, enabled=opts.batch_heads)  # `serve` runs in serve.py's nursery
         self._head_applied = replace(model, parts=HeadApplied(model.parts))  # generations get logits
         self._route_lock = trio.Lock()
         self._route: tuple[float, int, list[Hop]] | None = None  # (solved at, for length, chain)

@@ -51,8 +51,11 @@ class HeadStats:
 
 class HeadBatcher:
     def __init__(self, parts: nn.Module, window_s: float = config.HEAD_WINDOW_S,
-                 window_fraction: float = config.HEAD_WINDOW_FRACTION) -> None:
+                 window_fraction: float = config.HEAD_WINDOW_FRACTION, enabled: bool = True) -> None:
+        """`enabled=False`: every head runs alone, inline, as `chat` runs it (`api --no-batch-heads`, the
+        baseline of `bench api --compare`)."""
         self.parts, self.window_s, self.window_fraction = parts, window_s, window_fraction
+        self.enabled = enabled
         self.pending: list[_Row] = []
         self.decoding: dict[object, float] = {}  # generation -> when it last asked: expected each round
         self.round_s = 0.0  # moving average of the time between one generation's consecutive asks
@@ -71,6 +74,9 @@ class HeadBatcher:
 
     async def head(self, owner: object, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` [1, T, H] (a step's output) -> the logits of its last position [1, 1, V]."""
+        if not self.enabled:
+            self._count(1)
+            return batched_head(self.parts, [hidden[:, -1:]])[0]
         now = trio.current_time()
         last = self.decoding.get(owner)
         if last is not None:
@@ -102,20 +108,24 @@ class HeadBatcher:
                 self._compute(rows)
             await trio.lowlevel.checkpoint()  # let the generations take their logits and step on
 
-    def _expected(self, now: float) -> set[object]:
-        """Generations that asked within the last few rounds (one stuck in a failover is not awaited)."""
-        stale = 3 * self.round_s + self.window_s
-        return {o for o, t in self.decoding.items() if now - t <= stale} | {r.owner for r in self.pending}
+    def _due(self, now: float) -> set[object]:
+        """Generations whose next ask is due: they asked within the last few rounds (one stuck in a
+        failover is not awaited for long), but not within the last half round (that row already ran:
+        a straggler does not wait for the batch it missed)."""
+        late = 3 * self.round_s + self.window_s
+        return {o for o, t in self.decoding.items() if 0.5 * self.round_s <= now - t <= late}
 
     async def _gather(self) -> None:
         now = trio.current_time()
+        due = self._due(now)
         deadline = now + min(self.window_s, self.window_fraction * self.round_s)
-        while self.pending and len(self._expected(trio.current_time()) - {r.owner for r in self.pending}) > 0:
+        while self.pending and due - {r.owner for r in self.pending}:
             self._arrived = trio.Event()
             with trio.move_on_at(deadline):
                 await self._arrived.wait()
             if trio.current_time() >= deadline:
                 return
+            due &= self.decoding.keys()  # a generation that ended is not awaited
 
     def _compute(self, rows: list[_Row]) -> None:
         try:
@@ -127,7 +137,10 @@ class HeadBatcher:
                 r.error = e
         for r in rows:
             r.done.set()
+        self._count(len(rows))
+
+    def _count(self, rows: int) -> None:
         s = self.stats
         s.batches += 1
-        s.rows += len(rows)
-        s.largest = max(s.largest, len(rows))
+        s.rows += rows
+        s.largest = max(s.largest, rows)
