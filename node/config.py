@@ -184,6 +184,7 @@ BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each furt
 BATCH_WINDOW_S = 0.03
 BATCH_WINDOW_FRACTION = 0.5
 BATCH_ACTIVE_S = 1.0  # a session that stepped this recently is expected to step again soon
+BATCH_READ_S_PER_STEP = 0.001  # ... and at least ~what reading each missing step takes the server's loop
 BATCH_ACTIVE_ROUNDS = 2.0  # ... and so is one that stepped within twice its own last gap between steps
 MAX_BATCH_SESSIONS = 64  # decode steps in one batch
 # The same on the client side (node/client/batcher.py): a client driving many generations (the API)

@@ -6,8 +6,8 @@ batch, each attending to its own paged cache; a multi-token step (a prefill or a
 scheduler is the one place a step's cache room is reserved: a job that cannot get it is refused
 with the CacheError that says why, and the rest of its batch runs.
 When other sessions stepped lately (at their own pace) and their steps have not arrived yet, the
-scheduler waits a little for them (never more than a fraction of a step's compute); a lone session
-never waits.
+scheduler waits a little for them (a fraction of a batch's compute, or the time its loop needs to read
+that many steps, BATCH_WINDOW_S at most); a lone session never waits.
 
 Compute runs inline on the event loop: the handlers have nothing to do until it finishes, and a
 thread hand-off per step costs more than it saves on CPU (see ARCHITECTURE.md).
@@ -110,7 +110,12 @@ class Scheduler:
             return
         now = trio.current_time()
         expected = self._expected(now)
-        deadline = now + min(self.window_s, self.window_fraction * self.compute_s)
+        missing = len(expected - {j.owner for j in self.pending})
+        # at least the time this loop needs to read the missing steps (a short span's compute is less
+        # than reading 16 steps that are already on their way: a client batching its requests sends
+        # them together, and they would be split in two batches)
+        window = max(self.window_fraction * self.compute_s, missing * config.BATCH_READ_S_PER_STEP)
+        deadline = now + min(self.window_s, window)
         while expected - {j.owner for j in self.pending}:
             self._arrived = trio.Event()
             with trio.move_on_at(deadline):
