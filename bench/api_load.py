@@ -6,12 +6,15 @@ them (httpx on trio, one SSE event per chunk). Per N: aggregate decode tokens/s 
 tokens after its first, over the time from the first first-token to the last token) and its speedup
 over the smallest N, time to first token (p50, p90) and inter-token latency (gaps between a stream's
 text chunks, p50, p90). For the API's own cost, one `chat` through the same swarm gives the decode
-tokens/s of the same chain without HTTP: `api_overhead_ms_per_token` = 1/api - 1/chat at N=1.
+tokens/s of the same chain without HTTP: `api_overhead_ms_per_token` = 1/api - 1/chat at N=1. Per N
+also the API's mean head batch (node/client/batcher.py) and its CPU time per token; `compare` runs
+each N on a second API process without head batching too, in turn.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -100,8 +103,38 @@ def _chat_tokens_per_s(swarm: LocalSwarm, model: str, tokens: int) -> float:
     return float(json.loads(res.stdout)["tokens_per_s"])
 
 
+def _api_state(url: str, pid: int) -> dict[str, float]:
+    """The API process's head batches so far (GET /v1/swarm) and CPU seconds (Linux /proc; else 0)."""
+    import httpx
+
+    api = httpx.get(url + "/v1/swarm", timeout=60).json().get("api", {})
+    cpu = 0.0
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115 - read at once
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"rows": api.get("head_rows", 0), "batches": api.get("head_batches", 0), "cpu_s": cpu}
+
+
+def _measured(url: str, pid: int, model: str, n: int, tokens: int) -> dict[str, Any]:
+    import trio
+
+    before = _api_state(url, pid)
+    row = summarize(n, trio.run(_round, url, model, n, tokens))
+    after = _api_state(url, pid)
+    batches = after["batches"] - before["batches"]
+    row["mean_head_batch"] = round((after["rows"] - before["rows"]) / batches, 2) if batches else 0.0
+    row["api_cpu_ms_per_token"] = round((after["cpu_s"] - before["cpu_s"]) * 1000 / max(1, row["tokens"]), 2)
+    return row
+
+
 def bench_api(model: str = "smollm2-135m", servers: int = 3, concurrency: Sequence[int] = (1, 4, 16),
-              tokens: int = 32, progress: Callable[[str, float, float | None], None] = lambda *a: None) -> dict:
+              tokens: int = 32, compare: bool = False,
+              progress: Callable[[str, float, float | None], None] = lambda *a: None) -> dict:
+    """`compare`: a second API process on the same swarm with `--no-batch-heads` (each request's head
+    alone, as before HeadBatcher), each N run on both in turn: the in-run ratio is the figure that
+    holds on a loaded machine."""
     import trio
 
     spec = resolve(model)
@@ -109,18 +142,29 @@ def bench_api(model: str = "smollm2-135m", servers: int = 3, concurrency: Sequen
     # one API process is one client peer: let it take whole servers (a fair share is for many clients)
     with LocalSwarm(model_arg(spec), spans, progress=progress, extra_join_args=("--peer-share", "1")) as swarm:
         progress("starting llmswarm api", 0, 1)
-        url = swarm.start_api("--max-concurrent", str(max(concurrency)))
-        trio.run(_round, url, spec.name, 1, 4)  # warm-up: route, dial, first session
+        apis = {"batched": swarm.start_api("--max-concurrent", str(max(concurrency)))}
+        if compare:
+            apis["unbatched"] = swarm.start_api("--max-concurrent", str(max(concurrency)), "--no-batch-heads")
+        pids = {label: p.pid for label, p in zip(apis, swarm.clients, strict=True)}
+        for url in apis.values():
+            trio.run(_round, url, spec.name, 1, 4)  # warm-up: route, dial, first session
         rows = []
         for i, n in enumerate(concurrency):
             progress("concurrent streams", i, len(concurrency))
-            rows.append(summarize(n, trio.run(_round, url, spec.name, n, tokens)))
+            for label, url in apis.items():
+                rows.append({"api": label, **_measured(url, pids[label], spec.name, n, tokens)})
         progress("chat through the same swarm", 0, 1)
         chat_tps = _chat_tokens_per_s(swarm, model_arg(spec), tokens)
-    base = rows[0]["decode_tokens_per_s"] or 1.0
-    for r in rows:
-        r["speedup"] = round(r["decode_tokens_per_s"] / base, 2)
-    one = rows[0]["per_request_tokens_per_s"] if rows[0]["concurrent"] == 1 else None
+    for label in apis:
+        mine = [r for r in rows if r["api"] == label]
+        base = mine[0]["decode_tokens_per_s"] or 1.0
+        for r in mine:
+            r["speedup"] = round(r["decode_tokens_per_s"] / base, 2)
+    if compare:
+        for r, u in zip(rows[::2], rows[1::2], strict=True):
+            r["vs_unbatched"] = round(r["decode_tokens_per_s"] / (u["decode_tokens_per_s"] or 1.0), 2)
+    first = rows[0]
+    one = first["per_request_tokens_per_s"] if first["concurrent"] == 1 else None
     overhead = round((1 / one - 1 / chat_tps) * 1000, 2) if one and chat_tps else None
     return {"model": spec.name, "servers": servers, "spans": [f"{a}:{b}" for a, b in spans], "tokens": tokens,
             "rows": rows, "chat_tokens_per_s": round(chat_tps, 2), "api_overhead_ms_per_token": overhead}

@@ -33,6 +33,9 @@ def api(
                                help="Servers pass hidden states straight to the next server (else via this process)."),
     exact_weights: bool = typer.Option(False, "--exact-weights",
                                        help="Route only through servers with full-precision (not quantised) weights."),
+    batch_heads: bool = typer.Option(True, "--batch-heads/--no-batch-heads",
+                                     help="Run the LM heads of concurrent requests as one call per round "
+                                          "(off: each request's alone, as `chat` does; for comparison)."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a live
     swarm page (/) until Ctrl-C. Prints the URL on its first line."""
@@ -40,7 +43,8 @@ def api(
     from llmswarm.node.api.sessions import BackendOptions
 
     backend = BackendOptions(max_length=max_length, max_concurrent=max_concurrent, solver=solver, prefer=prefer,
-                             step_timeout=step_timeout, relay=relay, exact_weights=exact_weights)
+                             step_timeout=step_timeout, relay=relay, exact_weights=exact_weights,
+                             batch_heads=batch_heads)
     opts = ApiOptions(model=model, peers=split_peers(peers), host=host, port=port, api_key=api_key or None,
                       dtype=dtype, device=check_device(device), identity=identity, backend=backend)
 

@@ -137,6 +137,8 @@ def bench_api(
     servers: int = typer.Option(3, "--servers", "-s", min=1, max=16, help="Server processes."),
     concurrency: str = typer.Option("1,4,16", "--concurrent", "-c", help="Numbers of requests at once."),
     new_tokens: int = typer.Option(32, "--tokens", "-t", min=2, help="max_tokens of each request."),
+    compare: bool = typer.Option(False, "--compare", help="Also run each N on an API process without head "
+                                                          "batching (--no-batch-heads), in turn."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """N concurrent streaming requests through `llmswarm api` on a local swarm: aggregate tokens/s,
@@ -150,7 +152,7 @@ def bench_api(
     if not counts or min(counts) < 1:
         raise typer.BadParameter("give at least one count, each 1 or more", param_hint="--concurrent")
     with output.progress(not json_out) as report:
-        r = run(model, servers, counts, new_tokens, report)
+        r = run(model, servers, counts, new_tokens, compare, report)
     if json_out:
         output.print_json(r)
         return
@@ -158,13 +160,15 @@ def bench_api(
 
     t = Table(title=f"{r['model']} through `llmswarm api`, {r['servers']} servers {' '.join(r['spans'])}, "
                     f"{r['tokens']} tokens per request")
-    for col in ("requests", "decode tokens/s", "speedup", "per request", "TTFT p50 ms", "TTFT p90 ms",
-                "ITL p50 ms", "ITL p90 ms"):
+    for col in ("heads", "requests", "decode tokens/s", "speedup", "vs unbatched", "per request", "TTFT p50 ms",
+                "TTFT p90 ms", "ITL p50 ms", "ITL p90 ms", "head batch", "API CPU ms/token"):
         t.add_column(col, justify="right")
     for row in r["rows"]:
-        t.add_row(str(row["concurrent"]), f"{row['decode_tokens_per_s']:.2f}", f"{row['speedup']:.2f}x",
-                  f"{row['per_request_tokens_per_s']:.2f}", f"{row['ttft_p50_ms']:.0f}", f"{row['ttft_p90_ms']:.0f}",
-                  f"{row['itl_p50_ms']:.1f}", f"{row['itl_p90_ms']:.1f}")
+        vs = f"{row['vs_unbatched']:.2f}x" if "vs_unbatched" in row else "-"
+        t.add_row(row["api"], str(row["concurrent"]), f"{row['decode_tokens_per_s']:.2f}", f"{row['speedup']:.2f}x",
+                  vs, f"{row['per_request_tokens_per_s']:.2f}", f"{row['ttft_p50_ms']:.0f}",
+                  f"{row['ttft_p90_ms']:.0f}", f"{row['itl_p50_ms']:.1f}", f"{row['itl_p90_ms']:.1f}",
+                  f"{row['mean_head_batch']:.2f}", f"{row['api_cpu_ms_per_token']:.2f}")
     output.console.print(t)
     output.console.print(f"one `chat` through the same swarm: {r['chat_tokens_per_s']:.2f} tokens/s; API overhead "
                          f"per token at 1 request: {r['api_overhead_ms_per_token']} ms")

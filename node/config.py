@@ -181,11 +181,21 @@ BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each furt
 # arrive, then runs every waiting decode step through the span as one batch. A lone session never
 # waits. Measured with 16 sessions (`bench server`): a 3 ms window formed batches of ~4 (the loop
 # needs ~1 ms per incoming step) and gave 2.7x one session; waiting up to half a batch's compute
-# forms batches of 16 and gives 5.0x.
-BATCH_WINDOW_S = 0.03
+# forms batches of 16 and gives 5.0x. The cap was 30 ms: with 16 API requests through 3 servers on a
+# loaded 2-core machine (batches of 200-300 ms), steps that reach a server 30-50 ms apart were split
+# in two batches at every server (mean batch 6-7); a 100 ms cap gives a mean of 12 (mostly 16).
+BATCH_WINDOW_S = 0.1
 BATCH_WINDOW_FRACTION = 0.5
+BATCH_READ_S_PER_STEP = 0.001  # the window is at least this per missing step (what reading one takes the loop)
 BATCH_ACTIVE_S = 1.0  # a session that stepped this recently is expected to step again soon
+BATCH_ACTIVE_ROUNDS = 2.0  # ... and so is one that stepped within twice its own last gap between steps
 MAX_BATCH_SESSIONS = 64  # decode steps in one batch
+# The same on the client side (node/client/batcher.py): a client driving many generations (the API)
+# runs their LM heads as one call per round. When other generations are decoding and have not asked
+# yet, it waits for them up to HEAD_WINDOW_FRACTION of a round (so generations out of phase meet within
+# two rounds, and the servers then get their steps together), and never longer than HEAD_WINDOW_S.
+HEAD_WINDOW_S = 1.0
+HEAD_WINDOW_FRACTION = 0.5
 # Paged KV cache: a server's cache budget is a pool of pages of this many tokens, taken as sessions grow.
 PAGE_TOKENS = 16
 # Relay: clients link each server to the next so hidden states go server to server (config, not a

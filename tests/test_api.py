@@ -78,6 +78,41 @@ def test_concurrent_requests_each_equal_chat_local(swarm, local):
     assert answers == [local["text"]] * 2
 
 
+def test_concurrent_requests_share_head_calls_and_keep_their_answers(swarm3, local):
+    """Four requests at once on an endpoint that takes four (a chat and three different completions):
+    their heads ran batched (a head call for more than one request), and each answer is the one it gets
+    alone (the chat's is `chat --local`'s): batching changes no token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    url = swarm3.start_api("--max-concurrent", "4")
+    try:
+        clients = [OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120) for _ in range(4)]
+        prompts = ["The sky is", "Once upon a time", "def fibonacci(n):"]
+
+        def answer(i: int) -> str:
+            if i == 0:
+                return ask(clients[0]).choices[0].message.content
+            res = clients[i].completions.create(model=MODEL, prompt=prompts[i - 1], max_tokens=24, temperature=0)
+            return res.choices[0].text
+
+        alone = [answer(i) for i in range(4)]
+        before = httpx.get(url + "/v1/swarm", timeout=60).json()["api"]
+        assert before["largest_head_batch"] == 1 and before["head_rows"] == before["head_batches"]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(answer, range(4)))
+        after = httpx.get(url + "/v1/swarm", timeout=60).json()["api"]
+    finally:
+        api = swarm3.clients.pop()
+        api.terminate()
+        api.wait(timeout=10)
+    assert alone[0] == local["text"] and len(set(alone)) == 4
+    assert together == alone
+    assert after["largest_head_batch"] >= 2, after
+    assert after["head_rows"] - before["head_rows"] > after["head_batches"] - before["head_batches"], (before, after)
+
+
 def test_stop_string_ends_the_answer_before_it(client, local):
     res = ask(client, stop=["Paris"])
     assert res.choices[0].message.content == local["text"].split("Paris")[0]

@@ -209,6 +209,35 @@ def test_scheduler_refuses_only_the_job_without_room(span):
     assert (fine.length, full.length, len(full.pages), pool.free_pages) == (5, 4, 1, 0)
 
 
+def test_scheduler_batches_sessions_at_a_slow_steady_pace(span):
+    """Three sessions step every 2 s (longer than BATCH_ACTIVE_S: a slow or loaded swarm), the third
+    10 ms after the others: once their pace is known the scheduler waits for it and runs one batch."""
+    pool = span.new_pool(16, page_size=4)
+    seqs = {name: pool.sequence() for name in "abc"}
+    scheduler = Scheduler(window_s=0.03, window_fraction=1e6)  # a 30 ms window, whatever the compute took
+    waited: list[float] = []
+
+    async def session(name: str, late_s: float) -> None:
+        for position in range(4):
+            await trio.sleep_until(2.0 * (position + 1) + late_s)
+            sent = trio.current_time()
+            await scheduler.run(Job(name, span, seqs[name], torch.randn(1, 1, 64), position))
+            if name == "a":
+                waited.append(round(trio.current_time() - sent, 4))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.serve)
+            async with trio.open_nursery() as jobs:
+                for name, late in (("a", 0.0), ("b", 0.0), ("c", 0.01)):
+                    jobs.start_soon(session, name, late)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert scheduler.stats.largest_batch == 3
+    assert waited[2:] == [0.01, 0.01]  # from the third round on, a and b wait the 10 ms for c
+
+
 def test_session_replaces_a_hung_server_and_replays_into_the_spare(span):
     """A server that stops answering is found by the step timeout (30 s, jumped over by the mock
     clock), banned, and replaced by the spare; the output equals the local span's."""

@@ -2,7 +2,8 @@
 hypercorn's trio worker) with the OpenAI routes, the swarm page and its data.
 
     GET  /                      the live swarm page (page.html, shipped in this package)
-    GET  /v1/swarm              what `status --json` prints, refreshed every API_SWARM_PERIOD_S
+    GET  /v1/swarm              what `status --json` prints, refreshed every API_SWARM_PERIOD_S, and
+                                under "api" this endpoint's requests in flight and head batches
     GET  /v1/models             the model this endpoint serves
     POST /v1/chat/completions   messages -> answer (the model's chat template); `stream` for SSE
     POST /v1/completions        prompt -> continuation; `stream` for SSE

@@ -1,7 +1,8 @@
 """`llmswarm api`: load the client's parts once, join the swarm as a client (one host, one
 directory), keep a status snapshot fresh for the page, and serve the app with hypercorn's trio
 worker until Ctrl-C. Everything runs on one trio loop: HTTP, libp2p and the generation loops of all
-requests (their embedding and head inline, as in `chat`).
+requests (their embeddings inline, as in `chat`; their heads as one batched call per round, by the
+backend's HeadBatcher).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ async def serve_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str],
         watch = SwarmWatch(model)
         nursery.start_soon(watch.run, host, directory)
         backend = SwarmBackend(host, directory, model, opts.backend, watch.rtts)
-        app = build_app(backend, lambda: watch.snapshot, opts.api_key)
+        nursery.start_soon(backend.batcher.serve)
+        app = build_app(backend, lambda: {**watch.snapshot, "api": backend.stats()}, opts.api_key)
         trigger = shutdown.wait if shutdown is not None else None
 
         async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:

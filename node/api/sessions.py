@@ -4,24 +4,27 @@
 template for chat requests), a route from the solver, a session on every server of it (relay and
 failover as in node/client/session.py), the same sans-IO generation loop, and the session closed on
 every exit, cancellation included (a client that hangs up frees the servers' cache at once).
-Requests run concurrently on one trio loop, so the servers batch their decode steps.
+Requests run concurrently on one trio loop; their LM heads run as one batched call per round
+(node/client/batcher.py), which also keeps their steps in phase so the servers batch them.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import trio
+from llmswarm.models.batched_head import HeadApplied
 from llmswarm.models.chat import ChatTurn, Conversation
 from llmswarm.models.errors import LengthError
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling
 from llmswarm.models.local import ClientModel
 from llmswarm.node import config
 from llmswarm.node.api.protocol import ApiError, CompletionRequest, StopText, Usage
+from llmswarm.node.client.batcher import HeadBatcher
 from llmswarm.node.client.route import make_replan, plan_route
 from llmswarm.node.client.session import open_session
 from llmswarm.node.discovery.directory import Directory
@@ -42,6 +45,7 @@ class BackendOptions:
     step_timeout: float = config.STEP_TIMEOUT_S
     relay: bool = True
     exact_weights: bool = False
+    batch_heads: bool = True  # the heads of concurrent requests as one call per round (node/client/batcher.py)
 
 
 @dataclass
@@ -72,8 +76,14 @@ class SwarmBackend:
         self.host, self.directory, self.model, self.opts = host, directory, model, opts
         self.rtts = rtts
         self.active = 0  # requests holding a slot
+        self.batcher = HeadBatcher(model.parts, enabled=opts.batch_heads)  # `serve` runs in serve.py's nursery
+        self._head_applied = replace(model, parts=HeadApplied(model.parts))  # generations get logits
         self._route_lock = trio.Lock()
         self._route: tuple[float, int, list[Hop]] | None = None  # (solved at, for length, chain)
+
+    def stats(self) -> dict[str, Any]:
+        """Requests in flight and how their heads batched (`GET /v1/swarm`'s "api")."""
+        return {"requests": self.active, **self.batcher.stats.as_dict()}
 
     @property
     def model_names(self) -> set[str]:
@@ -158,27 +168,30 @@ class SwarmBackend:
         sampler = Sampler(Sampling(req.temperature, req.top_p, req.seed))
         conv = PromptConversation(self.model.tokenizer, ids)
         try:
-            turn = ChatTurn(self.model, conv, "", req.max_tokens, sampler, pieces.append, max_length=length)
+            turn = ChatTurn(self._head_applied, conv, "", req.max_tokens, sampler, pieces.append,
+                            max_length=length)
         except LengthError as e:
             raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
         steps, shown = turn.steps, []
         result: GenerationResult | None = None
         generated = 0
         hidden, position = next(steps)
-        while result is None and not stop.stopped:
-            out = await step(hidden, position)
-            try:
-                hidden, position = steps.send(out)
-            except StopIteration as done:
-                result = done.value
-            generated += len(pieces)  # one piece (maybe empty) per generated token
-            text = stop.feed("".join(pieces))
-            pieces.clear()
-            if result is not None:
-                text += stop.flush()
-            if text:
-                shown.append(text)
-                await emit(text)
+        with self.batcher.generation() as owner:
+            while result is None and not stop.stopped:
+                out = await step(hidden, position)
+                logits = await self.batcher.head(owner, out)  # in one call with this round's other requests
+                try:
+                    hidden, position = steps.send(logits)
+                except StopIteration as done:
+                    result = done.value
+                generated += len(pieces)  # one piece (maybe empty) per generated token
+                text = stop.feed("".join(pieces))
+                pieces.clear()
+                if result is not None:
+                    text += stop.flush()
+                if text:
+                    shown.append(text)
+                    await emit(text)
         steps.close()
         finish = "stop" if stop.stopped or (result is not None and result.stopped) else "length"
         return Answer("".join(shown), finish, Usage(len(ids), generated))

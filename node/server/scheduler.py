@@ -5,8 +5,9 @@ all waiting one-token steps of sessions that enter the span at the same blocks g
 batch, each attending to its own paged cache; a multi-token step (a prefill or a replay) runs alone. The
 scheduler is the one place a step's cache room is reserved: a job that cannot get it is refused
 with the CacheError that says why, and the rest of its batch runs.
-When other sessions stepped lately and their steps have not arrived yet, the scheduler waits a little
-for them (never more than a fraction of a step's compute); a lone session never waits.
+When other sessions stepped lately (at their own pace) and their steps have not arrived yet, the
+scheduler waits a little for them (a fraction of a batch's compute, or the time its loop needs to read
+that many steps, BATCH_WINDOW_S at most); a lone session never waits.
 
 Compute runs inline on the event loop: the handlers have nothing to do until it finishes, and a
 thread hand-off per step costs more than it saves on CPU (see ARCHITECTURE.md).
@@ -55,7 +56,8 @@ class Scheduler:
         self.window_s, self.max_batch, self.window_fraction = window_s, max_batch, window_fraction
         self.pending: list[Job] = []
         self._arrived = trio.Event()
-        self.last_active: dict[object, float] = {}
+        self.last_active: dict[object, float] = {}  # session -> when its last step ran
+        self.cadence: dict[object, float] = {}  # session -> its gap between steps (s, moving average)
         self.compute_s = 0.0  # moving average of one batch's compute time
         # told (steps, new tokens, blocks, seconds) of every batch that computed without error:
         # how the server's announced speed follows what it really serves (node/server/pace.py)
@@ -81,6 +83,7 @@ class Scheduler:
 
     def forget(self, owner: object) -> None:
         self.last_active.pop(owner, None)
+        self.cadence.pop(owner, None)
 
     async def serve(self) -> None:
         """The scheduler task: runs forever in the server's nursery."""
@@ -94,18 +97,26 @@ class Scheduler:
                 self._compute(batch)
             await trio.lowlevel.checkpoint()  # let handlers send outputs and read the next steps
 
+    def _expected(self, now: float) -> set[object]:
+        """Sessions that stepped lately: within BATCH_ACTIVE_S, or within two of their own gaps between
+        steps (on a slow or loaded swarm a round takes longer than BATCH_ACTIVE_S, and a fixed bound
+        would stop batching exactly where it pays most)."""
+        return {o for o, t in self.last_active.items()  # every open session: forget() drops closed ones
+                if now - t <= max(config.BATCH_ACTIVE_S, config.BATCH_ACTIVE_ROUNDS * self.cadence.get(o, 0.0))}
+
     async def _gather(self) -> None:
         """Wait briefly for the steps of other recently active sessions, when there are any."""
         if self.window_s <= 0 or self.pending[0].hidden.shape[1] != 1:
             return
         now = trio.current_time()
-        for owner in [o for o, t in self.last_active.items() if now - t > config.BATCH_ACTIVE_S]:
-            del self.last_active[owner]
-        expected = len(self.last_active.keys() | {j.owner for j in self.pending})
-        if len(self.pending) >= expected:
-            return
-        deadline = now + min(self.window_s, self.window_fraction * self.compute_s)
-        while len(self.pending) < expected:
+        expected = self._expected(now)
+        missing = len(expected - {j.owner for j in self.pending})
+        # at least the time this loop needs to read the missing steps (a short span's compute is less
+        # than reading 16 steps that are already on their way: a client batching its requests sends
+        # them together, and they would be split in two batches)
+        window = max(self.window_fraction * self.compute_s, missing * config.BATCH_READ_S_PER_STEP)
+        deadline = now + min(self.window_s, window)
+        while expected - {j.owner for j in self.pending}:
             self._arrived = trio.Event()
             with trio.move_on_at(deadline):
                 await self._arrived.wait()
@@ -163,6 +174,10 @@ class Scheduler:
         now = trio.current_time()
         tokens = 0
         for j in batch:
+            if j.owner in self.last_active:
+                gap, last = now - self.last_active[j.owner], self.cadence.get(j.owner)
+                if last is None or gap <= 4 * last:  # a longer gap is a pause (a chat's reader), not its pace
+                    self.cadence[j.owner] = gap if last is None else 0.7 * last + 0.3 * gap
             self.last_active[j.owner] = now
             tokens += j.hidden.shape[1]
             j.done.set()
