@@ -174,6 +174,25 @@ def test_greedy_with_a_draft_is_the_plain_greedy_answer(tiny, random_draft, whic
         assert r.accepted < r.drafted / 2
 
 
+def test_the_drafts_cache_rewinds_to_a_changed_context(tiny, random_draft):
+    ckpt, _ = tiny
+    greedy = Sampler(Sampling())
+    used, fresh = _drafter(random_draft), _drafter(random_draft)
+    used.propose(PROMPT + [5, 6, 7, 8], 4, greedy)  # holds 11 + 3 tokens
+    changed = PROMPT + [5, 9]
+    drafts, _ = fresh.propose(changed, 4, greedy)
+    assert used.propose(changed, 4, greedy) == (drafts, [])
+    assert used.held == fresh.held == changed + drafts[:3]
+
+
+def test_sampling_with_the_target_as_draft_accepts_nearly_everything(tiny):
+    ckpt, parts = tiny
+    chain = load_local_chain(ckpt, torch.float32, max_length=256)
+    sampler = Sampler(Sampling(temperature=0.8, top_p=0.9, seed=3))
+    r = run_sync(speculative_steps(parts, _drafter(ckpt, adapt=False), PROMPT, 0, 30, sampler, set(), 256), chain)
+    assert len(r.token_ids) == 30 and r.accepted >= 0.8 * r.drafted > 0
+
+
 @pytest.mark.slow  # real libp2p hosts: ~30 s on 2 busy cores
 def test_speculative_steps_through_servers_rewind_their_paged_caches(tiny_llama, tiny, random_draft, host_swarm):
     """Two servers of real libp2p hosts; a random draft (a rewind nearly every step) and a plain session
