@@ -68,7 +68,7 @@ def _run_here(cmd: list[str]) -> subprocess.CompletedProcess:
 def bench_speculative(model: str = "smollm2-135m", drafts: list[str] | None = None, servers: int = 3,
                       rounds: int = 3, new_tokens: int = 64, link_ms: float | None = None,
                       draft_tokens: int | None = None, progress: Callable[..., None] = lambda *a: None,
-                      workdir: Path | None = None) -> dict[str, Any]:
+                      workdir: Path | None = None, draft_dtype: str | None = None) -> dict[str, Any]:
     """Plain greedy and greedy with each of `drafts`, locally and through `servers` servers (over the
     WAN bed at `link_ms` one way per namespace when given)."""
     drafts = drafts or [model]
@@ -80,7 +80,8 @@ def bench_speculative(model: str = "smollm2-135m", drafts: list[str] | None = No
     draft_args = {}
     for d in drafts:
         path = str(make_random_draft(folder, work / "random-draft")) if d == "random" else d
-        draft_args[d] = ["--draft", path] + (["--draft-tokens", str(draft_tokens)] if draft_tokens else [])
+        draft_args[d] = (["--draft", path] + (["--draft-tokens", str(draft_tokens)] if draft_tokens else [])
+                         + (["--draft-dtype", draft_dtype] if draft_dtype else []))
     variants = {"plain": [], **{f"draft {d}": a for d, a in draft_args.items()}}
     rows: dict[str, list[dict[str, Any]]] = {f"{where} {v}": [] for where in ("local", "swarm") for v in variants}
     started = time.perf_counter()
@@ -105,6 +106,7 @@ def bench_speculative(model: str = "smollm2-135m", drafts: list[str] | None = No
                "tokens_per_step": statistics.median(len(a["token_ids"]) / a["steps"] for a in answers)}
         if answers[0].get("draft"):
             row["acceptance_rate"] = statistics.median(a["draft"]["acceptance_rate"] for a in answers)
+            row["proposals_drafted_ahead"] = statistics.median(a["draft"]["proposals_drafted_ahead"] for a in answers)
         out[k] = row
     floor_ms = (link_ms or 0.0) * (servers + 1)
     ratios = {}
@@ -117,7 +119,8 @@ def bench_speculative(model: str = "smollm2-135m", drafts: list[str] | None = No
         ratios[f"swarm {v} / local plain"] = out[f"swarm {v}"]["tokens_per_s"] / out["local plain"]["tokens_per_s"]
     return {
         "model": spec.name, "servers": servers, "spans": [f"{a}:{b}" for a, b in spans], "rounds": rounds,
-        "new_tokens": new_tokens, "link_ms_one_way": link_ms, "drafts": drafts,
+        "new_tokens": new_tokens, "link_ms_one_way": link_ms, "drafts": drafts, "draft_tokens": draft_tokens,
+        "draft_dtype": draft_dtype,
         # with relay a swarm step crosses servers + 1 links, each delayed link_ms: the least a step costs
         "link_floor_ms_per_step": floor_ms, "rows": out, "ratios": ratios,
         "load_avg_1m": os.getloadavg()[0], "bench_seconds": time.perf_counter() - started,

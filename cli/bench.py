@@ -22,13 +22,14 @@ def bench_swarm(
                                    "`random`: a random-init model with the target's tokenizer), each measured "
                                    "against plain greedy, locally and through the swarm, in one run."),
     draft_tokens: int = typer.Option(None, "--draft-tokens", min=1, help="Most draft tokens per step."),
+    draft_dtype: str = typer.Option(None, "--draft-dtype", help="The draft's dtype (see `chat --draft-dtype`)."),
     link_ms: float = typer.Option(None, "--link-ms", min=0.0, max=1000.0,
                                   help="Run the swarm in the WAN test bed (network namespaces, root), every packet "
                                        "delayed this many ms one way; reports per-token time against the link floor."),
 ) -> None:
     """Decode tokens/s through a local N-server swarm vs the same model in-process (medians)."""
     if draft is not None or link_ms is not None:
-        _bench_speculative(model, servers, rounds, new_tokens, draft, draft_tokens, link_ms, json_out)
+        _bench_speculative(model, servers, rounds, new_tokens, draft, draft_tokens, link_ms, json_out, draft_dtype)
         return
     from llmswarm.bench.speed import bench_swarm as run
 
@@ -62,12 +63,14 @@ def bench_swarm(
 
 
 def _bench_speculative(model: str, servers: int, rounds: int, new_tokens: int, draft: str | None,
-                       draft_tokens: int | None, link_ms: float | None, json_out: bool) -> None:
+                       draft_tokens: int | None, link_ms: float | None, json_out: bool,
+                       draft_dtype: str | None = None) -> None:
     from llmswarm.bench.speculative import bench_speculative
 
     drafts = [d.strip() for d in draft.split(",") if d.strip()] if draft else [model]
     with output.progress(not json_out) as report:
-        r = bench_speculative(model, drafts, servers, rounds, new_tokens, link_ms, draft_tokens, report)
+        r = bench_speculative(model, drafts, servers, rounds, new_tokens, link_ms, draft_tokens, report,
+                              draft_dtype=draft_dtype)
     if json_out:
         output.print_json(r)
         return

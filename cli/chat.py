@@ -49,6 +49,9 @@ def chat(
                                    "run here, proposes tokens that one step through the swarm checks."),
     draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, "--draft-tokens", min=1, max=MAX_DRAFT_TOKENS,
                                      help="Most draft tokens per step (fewer while they are refused)."),
+    draft_dtype: str = typer.Option("auto", "--draft-dtype",
+                                    help="auto (the model's) | float32 | bfloat16 | float16 for the draft model: "
+                                         "a faster draft; only how many drafts stand depends on it."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     from llmswarm.node.client.chat import ChatOptions
@@ -58,7 +61,7 @@ def chat(
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
                        listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights, draft=draft,
-                       draft_tokens=draft_tokens)
+                       draft_tokens=draft_tokens, draft_dtype=draft_dtype)
     run_chat_rendered(opts, json_out)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from .checkpoint import Progress, _noop
 from .errors import ModelError
-from .generate import GenerationResult, Sampler, Steps
+from .generate import GenerationResult, Sampler, Sampling, Steps
 from .local import ClientModel, load_client_model, load_local_chain
 from .registry import DEFAULT_DRAFT_TOKENS, DRAFT_PROBE_EVERY, MAX_DRAFT_TOKENS, resolve
 
@@ -54,6 +54,7 @@ class AdaptiveK:
         self._fit = [0.0] * 5  # decayed sums of 1, n, n^2, t, n*t over steps (least squares t = t0 + t1 n)
         self._draft_s, self._drafts = 0.0, 0.0
         self._idle = 0  # steps in a row at K = 0
+        self.last_k = 0  # the K chosen for the step in flight
 
     @property
     def acceptance(self) -> float:
@@ -69,7 +70,14 @@ class AdaptiveK:
         t1 = max(0.0, (snt / w - mean_n * mean_t) / var) if var > 0.25 else 0.0
         return max(0.0, mean_t - t1 * mean_n), t1
 
-    def choose(self) -> int:
+    def choose(self, peek: bool = False) -> int:
+        """K for the next step (`peek`: what it would be, without counting a step)."""
+        k = self._choose(peek)
+        if not peek:
+            self.last_k = k
+        return k
+
+    def _choose(self, peek: bool) -> int:
         if self._fit[0] <= 0 or not self.adapt:
             return self.k_max
         a = min(self.acceptance, 0.999)
@@ -80,6 +88,8 @@ class AdaptiveK:
             rate = (1 - a ** (k + 1)) / (1 - a) / max(t0 + t1 * (k + 1) + k * td, 1e-9)
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = k, rate
+        if peek:
+            return best
         if best == 0:
             self._idle += 1
             if self._idle > self.probe_every:
@@ -104,8 +114,13 @@ class AdaptiveK:
 class Drafter:
     """The draft model on the client: embeddings, head and all blocks in-process, with its own cache.
 
-    `held` is the token ids the draft's cache holds, in order; a proposal first feeds whatever of the
-    context it does not hold (at the first differing position: its cache rewinds there)."""
+    `held` is the token ids the draft's cache holds, in order; drafting first feeds whatever of the
+    context it does not hold (at the first differing position: its cache rewinds there).
+
+    Working ahead (greedy only): while the target checks a proposal (`work_ahead`, called by the
+    session right after it sent the step), the draft guesses that every draft stands and that the
+    bonus token is its own next pick, and drafts the following proposal. When the guess holds, the
+    next `propose` starts from those tokens instead of computing them after the reply."""
 
     def __init__(self, name: str, parts: nn.Module, blocks: Callable[[torch.Tensor, int], torch.Tensor],
                  vocab_size: int, k_max: int) -> None:
@@ -114,7 +129,11 @@ class Drafter:
         self.k_max = k_max
         self.policy = AdaptiveK(k_max)  # kept across turns: the link and the draft do not change
         self.held: list[int] = []
+        self.token_s = 0.0  # moving average of the draft's compute per token
+        self.ahead_hits = 0  # proposals that started from tokens drafted while waiting
         self._device = next(parts.parameters()).device
+        self._proposed: list[int] | None = None  # context + drafts of the proposal being checked (greedy)
+        self._ahead: tuple[list[int], list[int]] | None = None  # (the context guessed, drafts following it)
 
     def _logits(self, ids: list[int], position: int) -> torch.Tensor:
         x = self.parts.embed(torch.tensor([ids], dtype=torch.long, device=self._device))
@@ -127,8 +146,9 @@ class Drafter:
         return logits
 
     @torch.inference_mode()
-    def propose(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor]]:
-        """K draft tokens following `context`, and (when sampling) the distribution each was drawn from."""
+    def _draft(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor]]:
+        """K tokens following `context` from the draft alone, and (sampling) the distributions drawn from."""
+        started = time.perf_counter()
         common = 0
         for a, b in zip(self.held, context, strict=False):
             if a != b:
@@ -151,7 +171,40 @@ class Drafter:
             if j < k - 1:
                 logits = self._logits([token], len(self.held))
                 self.held.append(token)
+        per_token = (time.perf_counter() - started) / max(k, 1)
+        self.token_s = per_token if self.token_s == 0 else 0.7 * self.token_s + 0.3 * per_token
         return drafts, dists
+
+    def propose(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor]]:
+        """K draft tokens following `context`, and (when sampling) the distribution each was drawn from."""
+        drafts: list[int] = []
+        if self._ahead is not None and sampler.greedy and self._ahead[0] == context:
+            drafts = self._ahead[1][:k]
+            self.ahead_hits += 1
+        self._ahead = None
+        dists: list[torch.Tensor] = []
+        if len(drafts) < k:
+            more, dists = self._draft(context + drafts, k - len(drafts), sampler)
+            drafts += more
+        self._proposed = context + drafts if sampler.greedy and k > 0 else None
+        return drafts, dists
+
+    def work_ahead(self) -> None:
+        """While the target checks the last proposal: draft the next one on the guess that all of it
+        stands. As many tokens as the next step will want when that guess usually holds (a draft that
+        agrees with the target), else none: a wasted guess would delay reading the reply."""
+        proposed, self._proposed = self._proposed, None
+        if proposed is None:
+            return
+        k = self.policy.choose(peek=True)
+        if k == 0 or self.policy.acceptance ** (self.policy.last_k + 1) < 0.5:
+            return
+        with torch.inference_mode():
+            guess, _ = self._draft(proposed, k + 1, _GREEDY)  # the bonus token's guess, then k drafts
+        self._ahead = (proposed + guess[:1], guess[1:])
+
+
+_GREEDY = Sampler(Sampling())
 
 
 def verify(logits: torch.Tensor, drafts: list[int], dists: list[torch.Tensor],
@@ -190,7 +243,7 @@ def speculative_steps(client: nn.Module, drafter: Drafter, prompt: list[int], po
     policy = drafter.policy
     while True:
         room = min(max_new_tokens - len(result.token_ids) - 1, max_length - position - len(pending))
-        k = max(0, min(policy.choose(), room))
+        k = policy.last_k = max(0, min(policy.choose(), room))
         t0 = time.perf_counter()
         drafts, dists = drafter.propose(tokens, k, sampler) if k else ([], [])
         draft_s = time.perf_counter() - t0
@@ -236,23 +289,25 @@ def draft_stats(result: GenerationResult, drafter: Drafter) -> dict[str, Any]:
         "model": drafter.name, "drafted": result.drafted, "accepted": result.accepted,
         "acceptance_rate": round(result.accepted / result.drafted, 4) if result.drafted else 0.0,
         "steps": result.steps, "tokens_per_step": round(given / result.steps, 3) if result.steps else 0.0,
-        "draft_tokens_max": drafter.k_max,
+        "draft_tokens_max": drafter.k_max, "proposals_drafted_ahead": drafter.ahead_hits,
     }
 
 
 def load_drafter(name: str, target: ClientModel, max_length: int, k_max: int = DEFAULT_DRAFT_TOKENS,
-                 progress: Progress = _noop) -> Drafter:
-    """The draft model `name` (a registry name, a folder, a hub id) on the target's device and dtype,
-    every block in-process; refused in one line when its tokenizer is not the target's."""
+                 progress: Progress = _noop, dtype: torch.dtype | None = None) -> Drafter:
+    """The draft model `name` (a registry name, a folder, a hub id) on the target's device, in `dtype`
+    (default: the target's; the draft's precision moves only how many drafts stand), every block
+    in-process; refused in one line when its tokenizer is not the target's."""
     if not 1 <= k_max <= MAX_DRAFT_TOKENS:
         raise ModelError(f"--draft-tokens must be 1..{MAX_DRAFT_TOKENS}, got {k_max}")
     device = str(next(target.parts.parameters()).device)
-    draft = load_client_model(resolve(name), target.dtype, device, progress, with_blocks=True)
+    dtype = dtype or target.dtype
+    draft = load_client_model(resolve(name), dtype, device, progress, with_blocks=True)
     mine, theirs = draft.tokenizer.get_vocab(), target.tokenizer.get_vocab()
     if mine != theirs:
         differ = sum(1 for t, i in theirs.items() if mine.get(t) != i) + sum(1 for t in mine if t not in theirs)
         raise ModelError(f"draft model {draft.spec.name} has a different tokenizer from {target.spec.name} "
                          f"({differ} of {len(theirs)} tokens differ): pick a draft with the same vocabulary, "
                          "e.g. a smaller model of the same family")
-    chain = load_local_chain(draft.ckpt, target.dtype, device, max_length + k_max + 1, progress=progress)
+    chain = load_local_chain(draft.ckpt, dtype, device, max_length + k_max + 1, progress=progress)
     return Drafter(draft.spec.name, draft.parts, chain, target.cfg.vocab_size, k_max)

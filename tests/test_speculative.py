@@ -166,10 +166,16 @@ def test_greedy_with_a_draft_is_the_plain_greedy_answer(tiny, random_draft, whic
     ckpt, parts = tiny
     drafter = _drafter(ckpt if which == "target" else random_draft, adapt=False)
     chain = load_local_chain(ckpt, torch.float32, max_length=256)
-    r = run_sync(speculative_steps(parts, drafter, PROMPT, 0, 40, Sampler(Sampling()), set(), 256), chain)
+
+    def step(hidden, position):  # as the swarm session does: the draft works ahead once the step is sent
+        drafter.work_ahead()
+        return chain(hidden, position)
+
+    r = run_sync(speculative_steps(parts, drafter, PROMPT, 0, 40, Sampler(Sampling()), set(), 256), step)
     assert r.token_ids == _plain(ckpt, parts)
     if which == "target":
         assert r.accepted == r.drafted > 0 and r.steps < 40 / 3
+        assert drafter.ahead_hits >= r.steps - 2  # every proposal but the first came from working ahead
     else:
         assert r.accepted < r.drafted / 2
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -58,6 +59,7 @@ class ChatOptions:
     exact_weights: bool = False  # route only through servers with full-precision weights
     draft: str | None = None  # a small model with the same tokenizer: speculative decoding (models/speculative.py)
     draft_tokens: int = DEFAULT_DRAFT_TOKENS  # the most draft tokens per step
+    draft_dtype: str | None = None  # None or "auto": the model's dtype
 
 
 class ChatEvents(Protocol):
@@ -89,8 +91,10 @@ def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     model = load_client_model(spec, dtype, opts.device, events.progress, with_blocks=opts.local)
-    drafter = (load_drafter(opts.draft, model, opts.max_length, opts.draft_tokens, events.progress)
-               if opts.draft else None)
+    drafter = None
+    if opts.draft:
+        draft_dtype = parse_dtype(opts.draft_dtype, opts.device) if opts.draft_dtype not in (None, "auto") else None
+        drafter = load_drafter(opts.draft, model, opts.max_length, opts.draft_tokens, events.progress, draft_dtype)
     if opts.local:
         span = load_span(model.ckpt, 0, model.cfg.num_blocks, dtype, opts.device, events.progress)
         chain = LocalChain([span], opts.max_length)
@@ -118,7 +122,10 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents,
         async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
                                 model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
                                 relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
-            await converse(opts, model, session.step, events, drafter)
+            # with a draft, the draft works ahead while each step crosses the swarm
+            step: StepFn = session.step if drafter is None else partial(session.step,
+                                                                         while_waiting=drafter.work_ahead)
+            await converse(opts, model, step, events, drafter)
 
 
 async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: ChatEvents,
