@@ -45,7 +45,8 @@ class AdaptiveK:
     0..k_max with the most tokens per second E(K) / T(K). a is counted over recent steps (accepted
     drafts over drafts tested, the first refusal included), every sum decaying by `decay` per step.
     After `probe_every` steps at K = 0 one step drafts a token, so a draft that starts to agree again
-    is noticed. Until a step has been measured, K = k_max."""
+    is noticed. Until a decode step has been measured (a prompt's step is not: it is compute-bound),
+    K = k_max."""
 
     def __init__(self, k_max: int, decay: float = 0.8, probe_every: int = DRAFT_PROBE_EVERY,
                  prior_accept: float = 0.6, adapt: bool = True) -> None:
@@ -106,6 +107,8 @@ class AdaptiveK:
             self._accepted = d * self._accepted + accepted
             self._tested = d * self._tested + accepted + (1 if accepted < k else 0)
             self._draft_s, self._drafts = d * self._draft_s + draft_s, d * self._drafts + k
+        if fed > self.k_max + 1:  # a prompt: compute-bound, it would pass for a slow link
+            return
         f = self._fit
         for i, v in enumerate((1.0, fed, fed * fed, step_s, fed * step_s)):
             f[i] = d * f[i] + v
