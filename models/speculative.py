@@ -46,7 +46,8 @@ class AdaptiveK:
     drafts over drafts tested, the first refusal included), every sum decaying by `decay` per step.
     After `probe_every` steps at K = 0 one step drafts a token, so a draft that starts to agree again
     is noticed. Until a decode step has been measured (a prompt's step is not: it is compute-bound),
-    K = k_max."""
+    K = k_max while a >= 0.5, else 1. While every measured step fed as many tokens (t1 cannot be
+    fitted), checking k_max + 1 tokens is taken to cost two one-token steps."""
 
     def __init__(self, k_max: int, decay: float = 0.8, probe_every: int = DRAFT_PROBE_EVERY,
                  prior_accept: float = 0.6, adapt: bool = True) -> None:
@@ -68,7 +69,10 @@ class AdaptiveK:
             return 0.0, 0.0
         mean_n, mean_t = sn / w, st / w
         var = snn / w - mean_n**2
-        t1 = max(0.0, (snt / w - mean_n * mean_t) / var) if var > 0.25 else 0.0
+        if var > 0.25:
+            t1 = max(0.0, (snt / w - mean_n * mean_t) / var)
+        else:  # every step fed as many tokens: assume checking k_max + 1 tokens costs two 1-token steps
+            t1 = mean_t / (self.k_max + mean_n)
         return max(0.0, mean_t - t1 * mean_n), t1
 
     def choose(self, peek: bool = False) -> int:
@@ -79,8 +83,10 @@ class AdaptiveK:
         return k
 
     def _choose(self, peek: bool) -> int:
-        if self._fit[0] <= 0 or not self.adapt:
+        if not self.adapt:
             return self.k_max
+        if self._fit[0] <= 0:  # no decode step measured yet: trust the draft as far as it was right
+            return self.k_max if self.acceptance >= 0.5 else min(1, self.k_max)
         a = min(self.acceptance, 0.999)
         t0, t1 = self.step_cost()
         td = self._draft_s / self._drafts if self._drafts else 0.0
