@@ -18,8 +18,20 @@ def bench_swarm(
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N: servers and local reference."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    draft: str = typer.Option(None, "--draft",
+                              help="Speculative decoding: draft models, comma-separated (a name, a folder, or "
+                                   "`random`: a random-init model with the target's tokenizer), each measured "
+                                   "against plain greedy, locally and through the swarm, in one run."),
+    draft_tokens: int = typer.Option(None, "--draft-tokens", min=1, help="Most draft tokens per step."),
+    draft_dtype: str = typer.Option(None, "--draft-dtype", help="The draft's dtype (see `chat --draft-dtype`)."),
+    link_ms: float = typer.Option(None, "--link-ms", min=0.0, max=1000.0,
+                                  help="Run the swarm in the WAN test bed (network namespaces, root), every packet "
+                                       "delayed this many ms one way; reports per-token time against the link floor."),
 ) -> None:
     """Decode tokens/s through a local N-server swarm vs the same model in-process (medians)."""
+    if draft is not None or link_ms is not None:
+        _bench_speculative(model, servers, rounds, new_tokens, draft, draft_tokens, link_ms, json_out, draft_dtype)
+        return
     from llmswarm.bench.speed import bench_swarm as run
 
     with output.progress(not json_out) as report:
@@ -53,6 +65,36 @@ def bench_swarm(
         output.console.print(f"--wire-dtype {name}: last hop's output differs by at most {w['max_abs_diff']:.3g} "
                              f"(values up to {w['max_abs']:.3g}); greedy tokens identical: {w['token_identical']} "
                              f"({w['tokens_agreeing_before_first_difference']} agree before the first difference)")
+
+
+def _bench_speculative(model: str, servers: int, rounds: int, new_tokens: int, draft: str | None,
+                       draft_tokens: int | None, link_ms: float | None, json_out: bool,
+                       draft_dtype: str | None = None) -> None:
+    from llmswarm.bench.speculative import bench_speculative
+
+    drafts = [d.strip() for d in draft.split(",") if d.strip()] if draft else [model]
+    with output.progress(not json_out) as report:
+        r = bench_speculative(model, drafts, servers, rounds, new_tokens, link_ms, draft_tokens, report,
+                              draft_dtype=draft_dtype)
+    if json_out:
+        output.print_json(r)
+        return
+    from rich.table import Table
+
+    where = f"links {r['link_ms_one_way']:g} ms one way (WAN bed)" if link_ms is not None else "loopback"
+    t = Table(title=f"{r['model']}, {r['servers']} servers {' '.join(r['spans'])}, {where}, {r['new_tokens']} tokens "
+                    f"x {r['rounds']} rounds (medians), load {r['load_avg_1m']:.1f}")
+    for col in ("", "tokens/s", "ms/token", "tokens/step", "accepted", "identical to local"):
+        t.add_column(col, justify="right")
+    for k, row in r["rows"].items():
+        acc = f"{row['acceptance_rate']:.0%}" if "acceptance_rate" in row else ""
+        t.add_row(k, f"{row['tokens_per_s']:.2f}", f"{row['ms_per_token'] or 0:.1f}", f"{row['tokens_per_step']:.2f}",
+                  acc, str(row["token_identical"]))
+    output.console.print(t)
+    if link_ms is not None:
+        output.console.print(f"link floor: {r['link_floor_ms_per_step']:.0f} ms per swarm step "
+                             f"({r['servers'] + 1} links with relay)")
+    output.console.print("   ".join(f"{k}: [bold]{v:.3f}[/bold]" for k, v in r["ratios"].items()))
 
 
 def bench_server(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from llmswarm.node import config
 
 from . import output
@@ -46,6 +47,14 @@ def chat(
                                         "(default: the model's dtype, lossless)."),
     exact_weights: bool = typer.Option(False, "--exact-weights",
                                        help="Route only through servers with full-precision (not quantised) weights."),
+    draft: str = typer.Option(None, "--draft",
+                              help="Speculative decoding: a small model with the same tokenizer (name or folder), "
+                                   "run here, proposes tokens that one step through the swarm checks."),
+    draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, "--draft-tokens", min=1, max=MAX_DRAFT_TOKENS,
+                                     help="Most draft tokens per step (fewer while they are refused)."),
+    draft_dtype: str = typer.Option("auto", "--draft-dtype",
+                                    help="auto (the model's) | float32 | bfloat16 | float16 for the draft model: "
+                                         "a faster draft; only how many drafts stand depends on it."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     from llmswarm.node.client.chat import ChatOptions
@@ -54,7 +63,8 @@ def chat(
                        temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=check_device(device),
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
-                       direct=direct, listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights)
+                       direct=direct, listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights,
+                       draft=draft, draft_tokens=draft_tokens, draft_dtype=draft_dtype)
     run_chat_rendered(opts, json_out)
 
 
@@ -94,8 +104,11 @@ class ChatRender:
             output.print_json(result)
         else:
             output.stream_text("\n")
+            draft = result.draft
+            spec = (f", {draft['tokens_per_step']:.2f} tokens per step, {draft['acceptance_rate']:.0%} of "
+                    f"{draft['drafted']} draft tokens accepted" if draft else "")
             output.info(f"{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s, "
-                        f"first token after {result.time_to_first_token_s * 1000:.0f} ms")
+                        f"first token after {result.time_to_first_token_s * 1000:.0f} ms{spec}")
 
     def note(self, message: str) -> None:
         output.warn(message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from llmswarm.node import config
 
 from . import output
@@ -18,6 +19,9 @@ def demo(
     dtype: str = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per answer."),
     show_route: bool = typer.Option(True, "--show-route/--hide-route", help="Print the chain before answering."),
+    draft: str = typer.Option(None, "--draft", help="Speculative decoding with this draft model (see `chat --draft`)."),
+    draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, "--draft-tokens", min=1, max=MAX_DRAFT_TOKENS,
+                                     help="Most draft tokens per step."),
 ) -> None:
     """Start a local swarm that splits the model, wait until every block is served, and chat."""
     from llmswarm.bench.local_swarm import LocalSwarm, even_spans, model_arg
@@ -39,7 +43,7 @@ def demo(
             output.info(f"swarm up: bootstrap {swarm.peers[0]} and {servers} servers "
                         + ", ".join(f"{a}:{b}" for a, b in spans))
         opts = ChatOptions(model=model_arg(spec), prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype,
-                           peers=swarm.peers, show_route=show_route)
+                           peers=swarm.peers, show_route=show_route, draft=draft, draft_tokens=draft_tokens)
         run_chat_rendered(opts, json_out)
     finally:
         swarm.stop()

@@ -104,6 +104,8 @@ class TurnResult:
     model: str
     time_to_first_token_s: float
     new_tokens: int
+    steps: int = 0  # times the blocks ran (swarm round trips)
+    draft: dict[str, Any] | None = None  # with a draft model: acceptance, tokens per step (models/speculative.py)
 
 
 class ChatTurn:
@@ -111,11 +113,12 @@ class ChatTurn:
 
     def __init__(self, model: Any, conv: Conversation, user_text: str, max_new_tokens: int,
                  sampler: Sampler, on_text: Callable[[str], None] = lambda _: None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, drafter: Any = None) -> None:
         """`max_length`: the most tokens the caches hold (prompt and answer). A conversation that
         does not fit is refused before any block runs; an answer that would not fit stops there
-        (`truncated`), with what was generated so far."""
-        self.model, self.conv = model, conv
+        (`truncated`), with what was generated so far. With a `drafter` (models/speculative.py) the
+        answer is decoded speculatively."""
+        self.model, self.conv, self.drafter = model, conv, drafter
         self.prompt = conv.prompt_ids(user_text)
         if max_length is not None:
             room = max_length - len(self.prompt)
@@ -129,10 +132,15 @@ class ChatTurn:
             self.truncated = False
         feed, position = conv.split(self.prompt)
         self.stream = TextStream(model.tokenizer)
-        self.steps: Steps = generation_steps(
-            model.parts, feed, position, max_new_tokens, sampler, model.stop_ids,
-            on_token=lambda t: on_text(self.stream.add(t)),
-        )
+        on_token = lambda t: on_text(self.stream.add(t))  # noqa: E731
+        if drafter is not None:
+            from .speculative import speculative_steps
+
+            self.steps: Steps = speculative_steps(model.parts, drafter, self.prompt, position, max_new_tokens,
+                                                  sampler, model.stop_ids, max_length or 1 << 30, on_token)
+        else:
+            self.steps = generation_steps(model.parts, feed, position, max_new_tokens, sampler, model.stop_ids,
+                                          on_token=on_token)
 
     def finish(self, result: GenerationResult) -> TurnResult:
         text = self.stream.text
@@ -141,4 +149,12 @@ class ChatTurn:
             text=text, token_ids=result.token_ids, tokens_per_s=round(result.tokens_per_s, 3),
             prompt_tokens=len(self.prompt), model=self.model.spec.name,
             time_to_first_token_s=round(result.time_to_first_token_s, 4), new_tokens=len(result.token_ids),
+            steps=result.steps, draft=self._draft_stats(result),
         )
+
+    def _draft_stats(self, result: GenerationResult) -> dict[str, Any] | None:
+        if self.drafter is None:
+            return None
+        from .speculative import draft_stats
+
+        return draft_stats(result, self.drafter)

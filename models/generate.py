@@ -32,10 +32,15 @@ class GenerationResult:
     prompt_tokens: int = 0
     time_to_first_token_s: float = 0.0
     decode_s: float = 0.0  # from the first generated token to the last
+    steps: int = 0  # times the blocks ran (swarm round trips), the prompt's included
+    first_step_tokens: int = 1  # tokens the first step gave (more than one with a draft)
+    drafted: int = 0  # draft tokens proposed (speculative decoding, models/speculative.py)
+    accepted: int = 0  # of which the target model accepted
 
     @property
     def tokens_per_s(self) -> float:
-        n = len(self.token_ids) + (1 if self.stopped else 0) - 1  # decode steps after the first token
+        # tokens after the first step's, over the time since it (a stop token counts: it was computed)
+        n = len(self.token_ids) + (1 if self.stopped else 0) - self.first_step_tokens
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
@@ -44,16 +49,31 @@ class Sampler:
         self.s = sampling
         self.gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
 
+    @property
+    def greedy(self) -> bool:
+        return self.s.temperature <= 0
+
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> token id."""
-        if self.s.temperature <= 0:
+        if self.greedy:
             return int(torch.argmax(logits))
+        return self.draw(self.probs(logits))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a token is sampled from (temperature, then top-p), on the CPU; unnormalised
+        after top-p (multinomial normalises)."""
         probs = torch.softmax(logits.float().cpu() / self.s.temperature, dim=-1)  # the generator is on CPU
         if self.s.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, 0) - sorted_p < self.s.top_p
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return probs
+
+    def draw(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.gen))
 
 
 def generation_steps(
@@ -80,6 +100,7 @@ def generation_steps(
         with torch.inference_mode():
             hidden = client.embed(ids)
         out = yield hidden, position
+        result.steps += 1
         position += ids.shape[1]
         with torch.inference_mode():
             token = sampler(client.head(out[:, -1:].to(hidden.device, hidden.dtype))[0, -1])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .errors import CacheFullError, CachePositionError, SessionFullError
+from .registry import REWIND_SLACK_PAGES
 
 
 class PagePool:
@@ -151,7 +152,9 @@ class PagedSequence:
     def reserve(self, position: int, new_tokens: int) -> None:
         """Make room for `new_tokens` at `position`, taking every page needed or none.
 
-        A rewind keeps the pages past the new end: a client that rewinds re-sends about as much."""
+        A rewind (position below `length`: a replay, a re-sent turn, drafts refused in speculative
+        decoding) gives back the pages past the new end, but for `REWIND_SLACK_PAGES`: a client that
+        rewinds a little (rejected drafts) grows back into them on its next step."""
         if not 0 <= position <= self.length:
             raise CachePositionError(f"step at position {position}, but the cache holds {self.length} tokens")
         end = position + new_tokens
@@ -162,6 +165,10 @@ class PagedSequence:
             )
         ps = self.pool.page_size
         need = -(-end // ps) - len(self.pages)
+        if position < self.length:
+            self.length = position  # what lies past it is stale from now on, whatever happens below
+            if need < -REWIND_SLACK_PAGES:
+                self.truncate(-(-end // ps) + REWIND_SLACK_PAGES)
         if need <= 0:
             return
         if need > self.pool.free_pages:
@@ -182,6 +189,19 @@ class PagedSequence:
                 self._base = page * ps
             elif page != last + 1:
                 self._base = None
+
+    def truncate(self, pages: int) -> None:
+        """Keep the first `pages` pages (and at most `length` tokens); give the rest back to the pool."""
+        if pages >= len(self.pages):
+            return
+        self.pool._give_back(self.pages[pages:])
+        del self.pages[pages:]
+        self.length = min(self.length, pages * self.pool.page_size)
+        # a prefix of consecutive pages stays consecutive; a cut may also make the rest consecutive
+        if not self.pages:
+            self._base = None
+        elif self._base is None and all(b == a + 1 for a, b in zip(self.pages, self.pages[1:], strict=False)):
+            self._base = self.pages[0] * self.pool.page_size
 
     def release(self) -> None:
         """Give every page back to the pool; the sequence is empty (and usable) afterwards."""

@@ -13,6 +13,12 @@ from .errors import UnknownModelError
 
 BUILTIN_MODEL = "smollm2-135m"
 
+# Speculative decoding (models/speculative.py)
+DEFAULT_DRAFT_TOKENS = 6  # the most draft tokens per step (`--draft-tokens`); fewer when they are refused
+MAX_DRAFT_TOKENS = 32
+REWIND_SLACK_PAGES = 2  # KV pages a rewinding session keeps past its new end (refused drafts: it grows back)
+DRAFT_PROBE_EVERY = 16  # steps without drafting (they kept being refused) before one step tries a draft again
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -20,8 +21,9 @@ from llmswarm.models.chat import ChatTurn, Conversation, TurnResult
 from llmswarm.models.errors import LengthError
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling, Steps
 from llmswarm.models.local import ClientModel, LocalChain, load_client_model
-from llmswarm.models.registry import resolve
+from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, resolve
 from llmswarm.models.span import load_span, parse_dtype
+from llmswarm.models.speculative import Drafter, load_drafter
 from llmswarm.node import config
 from llmswarm.node.client.route import make_replan, plan_route, route_lines, wire_dtype
 from llmswarm.node.client.session import open_session
@@ -56,6 +58,9 @@ class ChatOptions:
     listen_host: str = config.DEFAULT_LISTEN_HOST  # where the client's host listens
     wire_dtype: str | None = None
     exact_weights: bool = False  # route only through servers with full-precision weights
+    draft: str | None = None  # a small model with the same tokenizer: speculative decoding (models/speculative.py)
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS  # the most draft tokens per step
+    draft_dtype: str | None = None  # None or "auto": the model's dtype
 
 
 class ChatEvents(Protocol):
@@ -87,6 +92,10 @@ def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     model = load_client_model(spec, dtype, opts.device, events.progress, with_blocks=opts.local)
+    drafter = None
+    if opts.draft:
+        draft_dtype = parse_dtype(opts.draft_dtype, opts.device) if opts.draft_dtype not in (None, "auto") else None
+        drafter = load_drafter(opts.draft, model, opts.max_length, opts.draft_tokens, events.progress, draft_dtype)
     if opts.local:
         span = load_span(model.ckpt, 0, model.cfg.num_blocks, dtype, opts.device, events.progress)
         chain = LocalChain([span], opts.max_length)
@@ -94,12 +103,12 @@ def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
         async def local_step(hidden: torch.Tensor, position: int) -> torch.Tensor:
             return chain(hidden, position)
 
-        trio.run(converse, opts, model, local_step, events)
+        trio.run(converse, opts, model, local_step, events, drafter)
     else:
-        trio.run(_swarm_chat, opts, model, events)
+        trio.run(_swarm_chat, opts, model, events, drafter)
 
 
-async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents) -> None:
+async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents, drafter: Drafter | None) -> None:
     quiet_libp2p_logging()
     # A client needs no stable peer id unless the user asks for one (--identity FILE).
     listen = opts.listen_host  # 0.0.0.0: a server behind NAT can dial us back (hole punching)
@@ -119,16 +128,22 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
                 direct = sum(s.stream.direct for s in session.spans)
                 events.route([f"streams: {direct} of {len(session.spans)} on the data plane (TLS), "
                               f"{len(session.spans) - direct} on libp2p"])
-            await converse(opts, model, session.step, events)
+            # with a draft, the draft works ahead while each step crosses the swarm
+            step: StepFn = session.step if drafter is None else partial(session.step,
+                                                                         while_waiting=drafter.work_ahead)
+            await converse(opts, model, step, events, drafter)
 
 
-async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: ChatEvents) -> None:
-    """The chat loop: one turn per user message (or just `opts.prompt`), however the blocks run."""
+async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: ChatEvents,
+                   drafter: Drafter | None = None) -> None:
+    """The chat loop: one turn per user message (or just `opts.prompt`), however the blocks run; with a
+    `drafter`, each step verifies the tokens it proposes (speculative decoding)."""
     sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
     conv = Conversation(model.tokenizer, opts.system)
     while (text := await _next_message(opts, events)) is not None:
         try:
-            turn = ChatTurn(model, conv, text, opts.max_new_tokens, sampler, events.text, max_length=opts.max_length)
+            turn = ChatTurn(model, conv, text, opts.max_new_tokens, sampler, events.text, max_length=opts.max_length,
+                            drafter=drafter)
         except LengthError as e:
             if opts.prompt is not None:
                 raise

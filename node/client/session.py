@@ -63,13 +63,18 @@ class InferenceSession:
         return sum(s.linked for s in self.spans[:-1])
 
     # -- steps -------------------------------------------------------------------------------------
-    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, position: int,
+                   while_waiting: Callable[[], None] | None = None) -> torch.Tensor:
+        """The chain's output for `hidden` at `position`. `while_waiting` runs once, right after the step
+        is sent (on this thread: the reply waits in the socket meanwhile): a speculative client drafts
+        ahead there (models/speculative.py)."""
         if self.needs_link:
             await self._link_chain()
         i, recoveries = 0, 0
         while i < len(self.spans):
             run = self._run_from(i)
-            outcome = await self.run(run, hidden, position)
+            outcome = await self.run(run, hidden, position, while_waiting)
+            while_waiting = None
             match outcome:
                 case Answered(hidden=out):
                     hidden, i = out, i + len(run)
@@ -97,7 +102,8 @@ class InferenceSession:
             j += 1
         return self.spans[i : j + 1]
 
-    async def run(self, run: list[RemoteSpan], hidden: torch.Tensor, position: int) -> RunOutcome:
+    async def run(self, run: list[RemoteSpan], hidden: torch.Tensor, position: int,
+                  while_waiting: Callable[[], None] | None = None) -> RunOutcome:
         """Send a step to run[0]; with more than one span it is relayed to run[-1], which answers."""
         self.seq += 1
         first = run[0]
@@ -109,6 +115,8 @@ class InferenceSession:
             await first.stream.send(frame, timeout_s=self.step_timeout_s)
         except PeerError as e:
             return HopDown(first, e)
+        if while_waiting is not None:
+            while_waiting()
         outcome = await self.inbox.reply(run[-1], self.seq, run, self.step_timeout_s)
         match outcome:
             case Reply(span=span, frame=reply):
