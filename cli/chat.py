@@ -43,6 +43,11 @@ def chat(
                                         "(default: the model's dtype, lossless)."),
     exact_weights: bool = typer.Option(False, "--exact-weights",
                                        help="Route only through servers with full-precision (not quantised) weights."),
+    verify_rate: str = typer.Option(None, "--verify-rate", "--verify", metavar="RATE|all|off",
+                                    help=f"Check the servers' outputs on another chain every 1/RATE steps, each "
+                                         f"check covering every step since the last (default "
+                                         f"{config.DEFAULT_VERIFY_RATE:g}: every 16 steps, ~10% of the tokens/s; "
+                                         "text is shown once checked). `all`: every step; `off`: no checks."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     from llmswarm.node.client.chat import ChatOptions
@@ -51,7 +56,8 @@ def chat(
                        temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=check_device(device),
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
-                       listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights)
+                       listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights,
+                       verify_rate=verify_rate)
     run_chat_rendered(opts, json_out)
 
 

@@ -23,8 +23,12 @@ from llmswarm.models.local import ClientModel, LocalChain, load_client_model
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import load_span, parse_dtype
 from llmswarm.node import config
+from llmswarm.node.client.checked_turn import checked_turn
+from llmswarm.node.client.observed import Observed
+from llmswarm.node.client.reputation import Reputation
 from llmswarm.node.client.route import make_replan, plan_route, route_lines, wire_dtype
 from llmswarm.node.client.session import open_session
+from llmswarm.node.client.verify import Verifier, parse_verify_rate
 from llmswarm.node.discovery.directory import open_directory
 from llmswarm.node.discovery.swarm_view import require_peers
 from llmswarm.node.host import ephemeral_host, open_host, quiet_libp2p_logging
@@ -55,6 +59,7 @@ class ChatOptions:
     listen_host: str = config.DEFAULT_LISTEN_HOST  # where the client's host listens
     wire_dtype: str | None = None
     exact_weights: bool = False  # route only through servers with full-precision weights
+    verify_rate: str | float | None = None  # share of steps that end in a check (node/client/verify.py); None: default
 
 
 class ChatEvents(Protocol):
@@ -83,6 +88,7 @@ def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
     if not opts.local:
         require_peers(opts.peers)
         wire_dtype(opts.wire_dtype)  # fail before loading anything
+        parse_verify_rate(opts.verify_rate)
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     model = load_client_model(spec, dtype, opts.device, events.progress, with_blocks=opts.local)
@@ -103,21 +109,36 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
     # A client needs no stable peer id unless the user asks for one (--identity FILE).
     listen = opts.listen_host  # 0.0.0.0: a server behind NAT can dial us back (hole punching)
     host_cm = open_host(opts.identity, listen_host=listen) if opts.identity else ephemeral_host(listen_host=listen)
+    observed = Observed(Reputation.load())  # what this client measured and checked, kept across runs
+    rate = parse_verify_rate(opts.verify_rate)
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
-                                         exact_weights=opts.exact_weights, relay=opts.relay)
+                                         exact_weights=opts.exact_weights, relay=opts.relay, observed=observed)
         if opts.show_route:
             events.route(route_lines(result, names))
         replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights,
-                             opts.relay)
-        async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
-                                model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
-                                relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
-            await converse(opts, model, session.step, events)
+                             opts.relay, observed=observed)
+        try:
+            async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size,
+                                    opts.max_length, model.dtype, replan=replan, notify=events.note,
+                                    step_timeout_s=opts.step_timeout, relay=opts.relay,
+                                    wire_dtype=wire_dtype(opts.wire_dtype)) as session:
+                session.observer = observed
+                verifier = Verifier(host, d, model, session, observed, rate, opts.max_length, opts.solver,
+                                    opts.prefer, events.note, opts.relay) if rate > 0 else None
+                try:
+                    await converse(opts, model, session.step, events, verifier)
+                finally:
+                    if verifier is not None:
+                        await verifier.aclose()
+        finally:
+            observed.reputation.save()
 
 
-async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: ChatEvents) -> None:
-    """The chat loop: one turn per user message (or just `opts.prompt`), however the blocks run."""
+async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: ChatEvents,
+                   verifier: Verifier | None = None) -> None:
+    """The chat loop: one turn per user message (or just `opts.prompt`), however the blocks run; with a
+    `verifier`, each answer's outputs are checked and its text shown once checked."""
     sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
     conv = Conversation(model.tokenizer, opts.system)
     while (text := await _next_message(opts, events)) is not None:
@@ -131,7 +152,11 @@ async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: 
         if turn.truncated:
             events.note(f"the answer may stop early: the conversation is {len(turn.prompt)} tokens and "
                         f"--max-length is {opts.max_length}; pass a larger --max-length for longer answers")
-        events.done(turn.finish(await drive(turn.steps, step)))
+        if verifier is None:
+            events.done(turn.finish(await drive(turn.steps, step)))
+        else:
+            room = min(opts.max_new_tokens, opts.max_length - len(turn.prompt))
+            events.done(turn.finish(await checked_turn(turn, model, sampler, room, verifier, events.text)))
         if opts.prompt is not None:
             return
 
