@@ -39,7 +39,7 @@ def _root(
 
 
 def _register() -> None:
-    from . import api, bench, chat, demo, join, models_cmd, probe, status
+    from . import api, bench, chat, demo, join, models_cmd, probe, status, trust
 
     app.command("chat")(chat.chat)
     app.command("join")(join.join)
@@ -49,6 +49,7 @@ def _register() -> None:
     app.command("probe")(probe.probe)
     app.command("status")(status.status)
     app.command("api")(api.api)
+    app.command("trust")(trust.trust)
     bench_app.command("swarm")(bench.bench_swarm)
     bench_app.command("server")(bench.bench_server)
     bench_app.command("quant")(bench.bench_quant)

@@ -61,6 +61,7 @@ class VerifyStats:
     positions_checked: int = 0
     disagreements: int = 0
     liars: list[str] = field(default_factory=list)
+    caught_at_step: list[int] = field(default_factory=list)  # the session's step count at each detection
     worst_error: float = 0.0  # largest relative error seen in a check that passed
     unchecked: str | None = None  # why some blocks or all could not be checked
 
@@ -81,6 +82,7 @@ class Verifier:
         self.end = 0  # inputs and outputs are logged for positions [0, end)
         self.checked = 0  # outputs [0, checked) agree with the second chain
         self.since = 0  # steps since the last check
+        self.steps = 0  # steps through the primary chain so far (a prefill is one)
         self.stats = VerifyStats()
         self._second: InferenceSession | None = None
         self._why_not: dict[str, str] = {}  # peer -> why it could not give an opinion
@@ -95,6 +97,7 @@ class Verifier:
         self.end = position + t
         self.checked = min(self.checked, position)  # a rewind (or a replay) is checked again
         self.since += 1
+        self.steps += 1
 
     def due(self) -> bool:
         return self.since >= self.period
@@ -146,6 +149,7 @@ class Verifier:
             self.session.bans.distrust(hop.peer_id)
             self.observed.reputation.checked(hop.peer_id, False)
             self.stats.liars.append(hop.peer_id)
+            self.stats.caught_at_step.append(self.steps)
             if (span := primary.get(hop.peer_id)) is not None:
                 span.dead = PeerError(f"server {span.name} returned wrong outputs")
         self.observed.reputation.save()
@@ -154,8 +158,8 @@ class Verifier:
         if liars:
             names = ", ".join(f"{self._name(h.peer_id)} (blocks {h.start}:{h.end})" for h in liars)
             self.notify(f"server {names} returned wrong outputs (outvoted by other servers holding the same "
-                        f"blocks): banned for this session and distrusted; recomputing the last {recomputed} "
-                        "positions on honest servers")
+                        f"blocks; caught at step {self.steps}): banned for this session and distrusted; "
+                        f"recomputing the last {recomputed} positions on honest servers")
         else:
             self.notify(f"the checking chain disagrees from position {wrong_at} but no single server could be "
                         "blamed (no third server holds the blocks in question); recomputing them")
