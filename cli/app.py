@@ -54,6 +54,7 @@ def _register() -> None:
     bench_app.command("server")(bench.bench_server)
     bench_app.command("quant")(bench.bench_quant)
     bench_app.command("api")(bench.bench_api)
+    bench_app.command("verify")(bench.bench_verify)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built

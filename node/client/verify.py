@@ -245,11 +245,14 @@ class Verifier:
     # -- the second chain ------------------------------------------------------------------------
     async def _open_second(self) -> bool:
         """A chain avoiding the primary's servers wherever another server holds their blocks."""
+        primary = self.session.chain
+        if self._hopeless == primary:
+            return False  # looked for this chain already: ask again once it changes (a failover)
         await self.directory.refresh()  # a client pulls records rarely: they may have lapsed since routing
         chain = await self._second_route()
-        primary = self.session.chain
         if chain is None or chain == primary:
             self._say_unchecked("no other server holds any block of this chain: its outputs cannot be checked")
+            self._hopeless = list(primary)
             return False
         shared = [h for h in chain if h in primary]
         if shared:
@@ -325,3 +328,4 @@ class Verifier:
 
     _second_chain: list[Hop] = []  # noqa: RUF012 - replaced per instance when a second chain opens
     _second_end: int = -1  # the second chain's caches hold positions [0, _second_end)
+    _hopeless: list[Hop] | None = None  # a primary chain no second chain could be found for
