@@ -130,7 +130,8 @@ class Verifier:
         self.stats.positions_checked += b - a
         if len(wrong) == 0:
             self.stats.worst_error = max(self.stats.worst_error, float(err.max()))
-            for peer in {h.peer_id for h in self.session.chain + self._second_chain}:
+            both = [h for h in self.session.chain if h in self._second_chain]  # the same server twice: unchecked
+            for peer in {h.peer_id for h in self.session.chain + self._second_chain if h not in both}:
                 self.observed.reputation.checked(peer, True)
             self.checked = b
             return None
@@ -251,7 +252,8 @@ class Verifier:
         await self.directory.refresh()  # a client pulls records rarely: they may have lapsed since routing
         chain = await self._second_route()
         if chain is None or chain == primary:
-            self._say_unchecked("no other server holds any block of this chain: its outputs cannot be checked")
+            self._say_unchecked("no other server holds any block of this chain: its outputs cannot be checked "
+                                "(a second server for any of its blocks makes them checkable; --verify off)")
             self._hopeless = list(primary)
             return False
         shared = [h for h in chain if h in primary]
