@@ -21,7 +21,7 @@ ASKS = ("Tell me about {}.", "Write a poem about {}.", "What is {}?", "Explain {
         "Give three facts about {}.", "Why does {} matter?", "Describe {} in one sentence.",
         "Summarise the history of {}.", "Is {} dangerous?", "Compare {} with the moon.")
 PROMPTS = [a.format(s) for a in ASKS for s in SUBJECTS]  # 100
-DECODE_STEPS = 4  # greedy steps after each prompt's prefill: positions a decode step checks
+DECODE_PROMPTS, DECODE_STEPS = 5, 8  # greedy decode steps after a few prompts' prefill (bfloat16 on CPU is slow)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +36,11 @@ def test_float32_and_bfloat16_agree_within_the_tolerance_over_100_prompts(model)
     tol = relative_tolerance([("float32", "none")], [("bfloat16", "none")])
     worst = 0.0
     with torch.inference_mode():
-        for prompt in PROMPTS:
+        for k, prompt in enumerate(PROMPTS):
             ids = Conversation(model.tokenizer).prompt_ids(prompt)
             c32, c16 = f32.new_cache(len(ids) + DECODE_STEPS), b16.new_cache(len(ids) + DECODE_STEPS)
             x, pos = model.parts.embed(torch.tensor([ids])), 0
-            for _ in range(DECODE_STEPS + 1):
+            for _ in range(1 + (DECODE_STEPS if k < DECODE_PROMPTS else 0)):
                 c32.reserve(pos, x.shape[1])
                 c16.reserve(pos, x.shape[1])
                 y32, y16 = f32.forward(x, c32, pos), b16.forward(x.to(torch.bfloat16), c16, pos)
