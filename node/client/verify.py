@@ -4,7 +4,8 @@ The client logs, by position, what it sent into the chain (the embeddings) and w
 last block's output). Every `period` steps (`chat --verify-rate R`: period 1/R; `all`: 1) it sends
 every input since the last check as one batched step to a *second chain*, a session on other
 servers holding the same blocks (wherever the swarm has them: a span held by one server only is
-shared and cannot be checked), and compares the outputs position by position, within the tolerance
+shared and cannot be checked), in the background while the answer goes on, and compares the outputs
+position by position, within the tolerance
 that the dtypes and quantisation of both chains allow (models/precision.py). So every position is
 checked, `period` at a time, at the cost of one batched step per check.
 
@@ -66,6 +67,17 @@ class VerifyStats:
     unchecked: str | None = None  # why some blocks or all could not be checked
 
 
+@dataclass
+class _Check:
+    """One check in flight: positions [a, b) on the second chain."""
+
+    a: int
+    b: int
+    done: trio.Event = field(default_factory=trio.Event)
+    error: torch.Tensor | None = None  # relative error per position
+    failed: NodeError | RoutingError | None = None
+
+
 class Verifier:
     """The log of one session's inputs and outputs, the second chain, checks and their settling."""
 
@@ -84,6 +96,7 @@ class Verifier:
         self.since = 0  # steps since the last check
         self.steps = 0  # steps through the primary chain so far (a prefill is one)
         self.stats = VerifyStats()
+        self.pending: _Check | None = None  # the check in flight
         self._second: InferenceSession | None = None
         self._why_not: dict[str, str] = {}  # peer -> why it could not give an opinion
         self._known: dict[str, ServerRecord] = {}  # every live record seen: records lapse between pulls
@@ -103,40 +116,71 @@ class Verifier:
         return self.since >= self.period
 
     # -- checks ----------------------------------------------------------------------------------
-    async def check(self) -> int | None:
-        """Compare every unchecked position with the second chain: the first wrong position, or None
-        (all agree, or nothing can be checked: said once)."""
+    async def start(self, nursery: trio.Nursery | None) -> None:
+        """Check every unchecked position on the second chain: in the background of `nursery` (the
+        answer goes on meanwhile; `collect` reads the verdict), or at once when it is None. Opening
+        the second chain happens here, in the caller's task (its nursery must close where it opened)."""
         self.since = 0
-        if self.checked >= self.end:
-            return None
+        if self.checked >= self.end or self.pending is not None:
+            return
         if self._second is None and not await self._open_second():
             self.checked = self.end  # nothing to check against: said once in _open_second
-            return None
-        assert self._second is not None
+            return
         a, b = self.checked, self.end
         if self._second_end < a:  # a fresh second chain starts from position 0
             a = 0
+        check = _Check(a, b)
+        self.pending = check
+        inputs, outputs = self.inputs[a:b].clone(), self.outputs[a:b].clone()
+        if nursery is None:
+            await self._compare(check, inputs, outputs)
+        else:
+            nursery.start_soon(self._compare, check, inputs, outputs)
+
+    async def _compare(self, check: _Check, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        assert self._second is not None
         try:
-            ref = await self._second.step(self.inputs[a:b].unsqueeze(0), a)
+            ref = await self._second.step(inputs.unsqueeze(0), check.a)
+            check.error = relative_error(outputs, ref[0])
         except (NodeError, RoutingError) as e:
-            await self._close_second()
-            self.notify(f"verification: the checking chain failed ({e}); trying another at the next check")
+            check.failed = e
+        check.done.set()
+
+    async def collect(self, wait: bool = False) -> int | None:
+        """The verdict of the check in flight once it is in (waiting for it with `wait`): the first wrong
+        position, or None (all agree, still running, or nothing to check)."""
+        check = self.pending
+        if check is None or not (check.done.is_set() or wait):
             return None
-        self._second_end = b
-        err = relative_error(self.outputs[a:b], ref[0])
+        await check.done.wait()
+        self.pending = None
+        if check.failed is not None:
+            await self._close_second()
+            self.notify(f"verification: the checking chain failed ({check.failed}); trying another at the next check")
+            return None
+        self._second_end = check.b
+        err = check.error
         tol = relative_tolerance(self._sides(self.session.chain), self._sides(self._second_chain))
         wrong = torch.nonzero(err > tol)
         self.stats.checks += 1
-        self.stats.positions_checked += b - a
+        self.stats.positions_checked += check.b - check.a
         if len(wrong) == 0:
             self.stats.worst_error = max(self.stats.worst_error, float(err.max()))
             both = [h for h in self.session.chain if h in self._second_chain]  # the same server twice: unchecked
             for peer in {h.peer_id for h in self.session.chain + self._second_chain if h not in both}:
                 self.observed.reputation.checked(peer, True)
-            self.checked = b
+            self.checked = max(self.checked, check.b)
             return None
         self.stats.disagreements += 1
-        return a + int(wrong[0])
+        return check.a + int(wrong[0])
+
+    async def finish(self) -> int | None:
+        """At the end of an answer: the check in flight, then every position still unchecked."""
+        wrong = await self.collect(wait=True)
+        if wrong is None:
+            await self.start(None)
+            wrong = await self.collect(wait=True)
+        return wrong
 
     async def settle(self, wrong_at: int) -> None:
         """After a check failed at `wrong_at`: find the server(s) in the minority, distrust them, make
