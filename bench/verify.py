@@ -53,12 +53,13 @@ def bench_verify(model: str = "smollm2-135m", rounds: int = 3, new_tokens: int =
         turn = ChatTurn(client, Conversation(client.tokenizer), PROMPT, new_tokens, greedy, max_length=length)
         if rate == 0:
             return await drive(turn.steps, session.step), None
-        verifier = Verifier(host, directory, client, session, observed, rate, length, "exact", "latency",
-                            notes.append)
-        try:
-            return await checked_turn(turn, client, greedy, new_tokens, verifier, lambda _: None), verifier.stats
-        finally:
-            await verifier.aclose()
+        async with trio.open_nursery() as checks:
+            verifier = Verifier(host, directory, client, session, observed, rate, length, "exact", "latency",
+                                notes.append, nursery=checks)
+            try:
+                return await checked_turn(turn, client, greedy, new_tokens, verifier, lambda _: None), verifier.stats
+            finally:
+                await verifier.aclose()
 
     async def run() -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, Any], list]:
         async with ephemeral_host() as host, open_directory(host, swarm.peers, [spec.name], gossip=False) as d:

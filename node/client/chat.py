@@ -124,13 +124,14 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents)
                                     step_timeout_s=opts.step_timeout, relay=opts.relay,
                                     wire_dtype=wire_dtype(opts.wire_dtype)) as session:
                 session.observer = observed
-                verifier = Verifier(host, d, model, session, observed, rate, opts.max_length, opts.solver,
-                                    opts.prefer, events.note, opts.relay) if rate > 0 else None
-                try:
-                    await converse(opts, model, session.step, events, verifier)
-                finally:
-                    if verifier is not None:
-                        await verifier.aclose()
+                async with trio.open_nursery() as checks:  # output checks run here, beside the answer
+                    verifier = Verifier(host, d, model, session, observed, rate, opts.max_length, opts.solver,
+                                        opts.prefer, events.note, opts.relay, checks) if rate > 0 else None
+                    try:
+                        await converse(opts, model, session.step, events, verifier)
+                    finally:
+                        if verifier is not None:
+                            await verifier.aclose()
         finally:
             observed.reputation.save()
 

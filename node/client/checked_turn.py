@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import trio
 from llmswarm.models.chat import ChatTurn
 from llmswarm.models.generate import GenerationResult, Sampler, Steps, generation_steps
 from llmswarm.models.local import ClientModel
@@ -56,38 +55,37 @@ async def checked_turn(turn: ChatTurn, model: ClientModel, sampler: Sampler, max
     steps = generation_steps(model.parts, feed, start, max_new_tokens, sampler, model.stop_ids, on_token)
     hidden, position = next(steps)
     quiet = False
-    async with trio.open_nursery() as nursery:  # checks run beside the answer, one at a time
-        while True:
-            if quiet:  # the failover after a detection: the person has had their one line
-                notify, verifier.session.notify = verifier.session.notify, lambda _: None
-                try:
-                    out = await verifier.session.step(hidden, position)
-                finally:
-                    verifier.session.notify, quiet = notify, False
-            else:
+    while True:
+        if quiet:  # the failover after a detection: the person has had their one line
+            notify, verifier.session.notify = verifier.session.notify, lambda _: None
+            try:
                 out = await verifier.session.step(hidden, position)
-            verifier.log(hidden, position, out)
-            wrong = await verifier.collect()
-            if wrong is None and verifier.due():
-                await verifier.start(nursery)
-            finished: GenerationResult | None = None
-            if wrong is None:
-                try:
-                    hidden, position = steps.send(out)
-                except StopIteration as done:
-                    finished = done.value
-                    wrong = await verifier.finish()  # the last outputs are checked before the answer ends
-            if wrong is not None:  # from collect or finish: no check is in flight while we fail over
-                await verifier.settle(wrong)
-                quiet = True
-                steps.close()
-                steps = restart(wrong)
-                hidden, position = next(steps)
-                continue
-            release(verifier.checked)
-            if finished is not None:
-                release(prompt_end + len(tokens))  # nothing could be checked: shown as it is
-                now = time.perf_counter()
-                return GenerationResult(token_ids=tokens, stopped=finished.stopped, prompt_tokens=len(feed),
-                                        time_to_first_token_s=(first_at or now) - began,
-                                        decode_s=now - (first_at or now))
+            finally:
+                verifier.session.notify, quiet = notify, False
+        else:
+            out = await verifier.session.step(hidden, position)
+        verifier.log(hidden, position, out)
+        wrong = await verifier.collect()
+        if wrong is None and verifier.due():
+            await verifier.start()
+        finished: GenerationResult | None = None
+        if wrong is None:
+            try:
+                hidden, position = steps.send(out)
+            except StopIteration as done:
+                finished = done.value
+                wrong = await verifier.finish()  # the last outputs are checked before the answer ends
+        if wrong is not None:  # from collect or finish: no check is in flight while we fail over
+            await verifier.settle(wrong)
+            quiet = True
+            steps.close()
+            steps = restart(wrong)
+            hidden, position = next(steps)
+            continue
+        release(verifier.checked)
+        if finished is not None:
+            release(prompt_end + len(tokens))  # nothing could be checked: shown as it is
+            now = time.perf_counter()
+            return GenerationResult(token_ids=tokens, stopped=finished.stopped, prompt_tokens=len(feed),
+                                    time_to_first_token_s=(first_at or now) - began,
+                                    decode_s=now - (first_at or now))

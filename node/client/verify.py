@@ -76,6 +76,7 @@ class _Check:
     done: trio.Event = field(default_factory=trio.Event)
     error: torch.Tensor | None = None  # relative error per position
     failed: NodeError | RoutingError | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled when the session ends
 
 
 class Verifier:
@@ -83,7 +84,10 @@ class Verifier:
 
     def __init__(self, host: Host, directory: Directory, model: ClientModel, session: InferenceSession,
                  observed: Observed, rate: float, max_length: int, solver: str, prefer: str,
-                 notify, relay: bool = True) -> None:
+                 notify, relay: bool = True, nursery: trio.Nursery | None = None) -> None:
+        """`nursery`: where checks run beside the answer (None: each check is awaited). It must be
+        opened before the verifier's first check and outlive `aclose()`: the second chain's session is
+        opened inside it, in the caller's task, and trio nests scopes strictly."""
         self.host, self.directory, self.model, self.session = host, directory, model, session
         self.observed, self.max_length, self.notify = observed, max_length, notify
         self.solver, self.prefer, self.relay = solver, prefer, relay
@@ -97,6 +101,7 @@ class Verifier:
         self.steps = 0  # steps through the primary chain so far (a prefill is one)
         self.stats = VerifyStats()
         self.pending: _Check | None = None  # the check in flight
+        self.nursery = nursery
         self._second: InferenceSession | None = None
         self._why_not: dict[str, str] = {}  # peer -> why it could not give an opinion
         self._known: dict[str, ServerRecord] = {}  # every live record seen: records lapse between pulls
@@ -116,10 +121,10 @@ class Verifier:
         return self.since >= self.period
 
     # -- checks ----------------------------------------------------------------------------------
-    async def start(self, nursery: trio.Nursery | None) -> None:
-        """Check every unchecked position on the second chain: in the background of `nursery` (the
-        answer goes on meanwhile; `collect` reads the verdict), or at once when it is None. Opening
-        the second chain happens here, in the caller's task (its nursery must close where it opened)."""
+    async def start(self, background: bool = True) -> None:
+        """Check every unchecked position on the second chain: in the background (the answer goes on
+        meanwhile; `collect` reads the verdict) when the verifier has a nursery, else at once. Opening
+        the second chain happens here, in the caller's task."""
         self.since = 0
         if self.checked >= self.end or self.pending is not None:
             return
@@ -132,18 +137,21 @@ class Verifier:
         check = _Check(a, b)
         self.pending = check
         inputs, outputs = self.inputs[a:b].clone(), self.outputs[a:b].clone()
-        if nursery is None:
-            await self._compare(check, inputs, outputs)
+        if background and self.nursery is not None:
+            self.nursery.start_soon(self._compare, check, inputs, outputs)
         else:
-            nursery.start_soon(self._compare, check, inputs, outputs)
+            await self._compare(check, inputs, outputs)
 
     async def _compare(self, check: _Check, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         assert self._second is not None
-        try:
-            ref = await self._second.step(inputs.unsqueeze(0), check.a)
-            check.error = relative_error(outputs, ref[0])
-        except (NodeError, RoutingError) as e:
-            check.failed = e
+        with check.scope:
+            try:
+                ref = await self._second.step(inputs.unsqueeze(0), check.a)
+                check.error = relative_error(outputs, ref[0])
+            except (NodeError, RoutingError) as e:
+                check.failed = e
+        if check.scope.cancelled_caught:
+            check.failed = NodeError("cancelled")
         check.done.set()
 
     async def collect(self, wait: bool = False) -> int | None:
@@ -178,7 +186,7 @@ class Verifier:
         """At the end of an answer: the check in flight, then every position still unchecked."""
         wrong = await self.collect(wait=True)
         if wrong is None:
-            await self.start(None)
+            await self.start(background=False)
             wrong = await self.collect(wait=True)
         return wrong
 
@@ -339,6 +347,10 @@ class Verifier:
                 pass
 
     async def aclose(self) -> None:
+        if self.pending is not None:  # an answer that ended in an error: its check is moot
+            self.pending.scope.cancel()
+            await self.pending.done.wait()
+            self.pending = None
         await self._close_second()
 
     # -- what the records say --------------------------------------------------------------------
