@@ -42,7 +42,7 @@ def env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def reference(smollm2) -> list[int]:
     res = subprocess.run(llmswarm_command("chat", "--local", "-p", PROMPT, "-n", TOKENS, "--json"),
-                         capture_output=True, text=True, timeout=180)
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)["token_ids"]
 
@@ -50,7 +50,7 @@ def reference(smollm2) -> list[int]:
 def chat(swarm: LocalSwarm, env: dict[str, str], *extra: str) -> tuple[dict, str]:
     res = subprocess.run(llmswarm_command("chat", "--peers", *swarm.peers, "-p", PROMPT, "-n", TOKENS, "--json",
                                           "--show-route", "--solver", "exact", *extra),
-                         capture_output=True, text=True, timeout=300, env=env)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout), res.stderr
 
