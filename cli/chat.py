@@ -46,8 +46,9 @@ def chat(
     verify_rate: str = typer.Option(None, "--verify-rate", "--verify", metavar="RATE|all|off",
                                     help=f"Check the servers' outputs on another chain every 1/RATE steps, each "
                                          f"check covering every step since the last (default "
-                                         f"{config.DEFAULT_VERIFY_RATE:g}: every 16 steps, ~10% of the tokens/s; "
-                                         "text is shown once checked). `all`: every step; `off`: no checks."),
+                                         f"{config.DEFAULT_VERIFY_RATE:g}: every 16 steps, ~1% of the tokens/s in "
+                                         "`bench verify`; text is shown once checked). `all`: every step; "
+                                         "`off`: no checks."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     from llmswarm.node.client.chat import ChatOptions

@@ -233,7 +233,8 @@ API_SHUTDOWN_GRACE_S = 5.0  # on Ctrl-C, how long requests in flight have to fin
 # Output checks: `chat --verify-rate R` checks every 1/R-th decode step, and each check covers every
 # step since the last one (a second chain of other servers recomputes them as one batched step), so
 # nothing goes unchecked; the answer's text is shown once checked. 1/16: a corrupting server is caught
-# within 16 steps; cost measured with `llmswarm bench verify` (README).
+# within 16 steps. Checks run beside the answer: `llmswarm bench verify` measured 0.988x the tokens/s of
+# no checks at this rate, 0.884x at every step (README).
 DEFAULT_VERIFY_RATE = 1 / 16
 OBSERVED_MIN_SAMPLES = 3  # measured decode steps of a server before its measurement replaces its claim
 OBSERVED_ALPHA = 0.3  # weight of each new measured step in a server's running figure
