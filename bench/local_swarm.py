@@ -61,12 +61,14 @@ class LocalSwarm:
                  dtype: str | None = None, extra_join_args: tuple[str, ...] = (),
                  progress: Callable[[str, float, float | None], None] = lambda *a: None,
                  workdir: str | None = None, server_env: dict[str, str] | None = None,
-                 rebalance_period_s: float = 0.0, key_files: bool = True) -> None:
+                 rebalance_period_s: float = 0.0, key_files: bool = True,
+                 server_kwargs: dict[int, dict] | None = None) -> None:
         self.model, self.spans = model, spans
         self.announce_period_s, self.dtype = announce_period_s, dtype
         self.extra_join_args = extra_join_args
         self.rebalance_period_s = rebalance_period_s
         self.key_files = key_files
+        self.server_kwargs = server_kwargs or {}  # server index -> start_server's launcher / env
         self.server_env = server_env if server_env is not None else _colocated_env()
         self.progress = progress
         self._tmp = tempfile.TemporaryDirectory(prefix="llmswarm-") if workdir is None else None
@@ -95,7 +97,7 @@ class LocalSwarm:
         self.bootstrap = self._spawn("bootstrap", "--port", "0", *self._identity("bootstrap"))
         self.peers = [self._read_line(self.bootstrap, "bootstrap").strip()]
         for i, (start, end) in enumerate(self.spans):
-            self.start_server(i, start, end)
+            self.start_server(i, start, end, **self.server_kwargs.get(i, {}))
         for i, proc in enumerate(self.servers):
             self.progress(f"starting {len(self.spans)} servers", i, len(self.spans))
             ready = json.loads(self._read_line(proc, f"server {i}"))
@@ -103,7 +105,10 @@ class LocalSwarm:
             self.ready.append(ready)
         self.progress(f"starting {len(self.spans)} servers", len(self.spans), len(self.spans))
 
-    def start_server(self, i: int, start: int, end: int, *extra: str) -> subprocess.Popen:
+    def start_server(self, i: int, start: int, end: int, *extra: str, launcher: list[str] | None = None,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Server i on blocks start:end. `launcher`: the command that stands for `llmswarm` (a test's
+        wrapper script that alters the server); `env`: more environment for this server alone."""
         args = ["join", "--model", self.model, "--blocks", f"{start}:{end}", "--peers", *self.peers,
                 *self._identity(f"server{i}"), "--public-name", f"server{i}",
                 "--announce-period", str(self.announce_period_s), "--json",
@@ -111,7 +116,7 @@ class LocalSwarm:
                 "--rebalance-period", str(self.rebalance_period_s), *self.extra_join_args, *extra]
         if self.dtype:
             args += ["--dtype", self.dtype]
-        proc = self._spawn(*args)
+        proc = self._spawn(*args, launcher=launcher, env=env)
         if i < len(self.servers):
             self.servers[i] = proc
         else:
@@ -149,11 +154,13 @@ class LocalSwarm:
     def _identity(self, name: str) -> list[str]:
         return ["--identity", str(self.workdir / f"{name}.key")] if self.key_files else []
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, launcher: list[str] | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         path = self.workdir / f"{args[0]}-{len(self.servers)}.log"
         log = open(path, "w")  # noqa: SIM115 - lives with the process
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.server_env}
-        proc = subprocess.Popen(llmswarm_command(*args), stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.server_env, **(env or {})}
+        command = [*launcher, *args] if launcher else llmswarm_command(*args)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                 start_new_session=True)  # Ctrl-C reaches only us; we stop them in order
         self._spawned[proc.pid] = time.monotonic()
         self._logs[proc.pid] = path

@@ -39,7 +39,7 @@ def _root(
 
 
 def _register() -> None:
-    from . import api, bench, chat, demo, join, models_cmd, probe, status
+    from . import api, bench, chat, demo, join, models_cmd, probe, status, trust
 
     app.command("chat")(chat.chat)
     app.command("join")(join.join)
@@ -49,11 +49,13 @@ def _register() -> None:
     app.command("probe")(probe.probe)
     app.command("status")(status.status)
     app.command("api")(api.api)
+    app.command("trust")(trust.trust)
     bench_app.command("swarm")(bench.bench_swarm)
     bench_app.command("server")(bench.bench_server)
     bench_app.command("quant")(bench.bench_quant)
     bench_app.command("api")(bench.bench_api)
     bench_app.command("hop")(bench.bench_hop)
+    bench_app.command("verify")(bench.bench_verify)
     try:
         from . import route
     except ImportError:  # the route solver CLI is optional while it is being built

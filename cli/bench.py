@@ -240,3 +240,34 @@ def bench_hop(
                      ("tcp", "bare TCP (reference)")):
         t.add_row(label, f"{r[k]['wall_ms']:.3f}", f"{r[k]['cpu_ms']:.3f}")
     output.console.print(t)
+
+
+def bench_verify(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or folder."),
+    rounds: int = typer.Option(3, "--rounds", "-r", min=1, help="Alternating off/default/all rounds."),
+    new_tokens: int = typer.Option(64, "--tokens", "-t", min=2, help="Tokens generated per answer."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Decode tokens/s with output checks off, at the default --verify-rate and at every step (one run)."""
+    from llmswarm.bench.verify import bench_verify as run
+
+    with output.progress(not json_out) as report:
+        r = run(model, rounds, new_tokens, report)
+    if json_out:
+        output.print_json(r)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{r['model']}, {r['servers']} servers {' '.join(r['spans'])} (two chains), chain "
+                    f"{' > '.join(r['chain'])}, {r['new_tokens']} tokens x {r['rounds']} rounds (medians)")
+    for col in ("checks", "tokens/s", "vs off", "checks per answer", "worst error seen"):
+        t.add_column(col, justify="right")
+    for mode, label in (("off", "off"), ("default", f"default (rate {r['default_rate']:g})"), ("all", "all")):
+        c = r["checks"][mode]
+        ratio = r["tokens_per_s"][mode] / r["tokens_per_s"]["off"]
+        t.add_row(label, f"{r['tokens_per_s'][mode]:.2f}", f"{ratio:.3f}", "-" if c is None else str(c["checks"]),
+                  "-" if c is None else f"{c['worst_error']:.2e}")
+    output.console.print(t)
+    output.console.print(f"token-identical: {r['token_identical']}   bench {r['bench_seconds']:.0f} s")
+    for note in r["notes"]:
+        output.warn(note)

@@ -55,6 +55,12 @@ def chat(
     draft_dtype: str = typer.Option("auto", "--draft-dtype",
                                     help="auto (the model's) | float32 | bfloat16 | float16 for the draft model: "
                                          "a faster draft; only how many drafts stand depends on it."),
+    verify_rate: str = typer.Option(None, "--verify-rate", "--verify", metavar="RATE|all|off",
+                                    help=f"Check the servers' outputs on another chain every 1/RATE steps, each "
+                                         f"check covering every step since the last (default "
+                                         f"{config.DEFAULT_VERIFY_RATE:g}: every 16 steps, ~1% of the tokens/s in "
+                                         "`bench verify`; text is shown once checked). `all`: every step; "
+                                         "`off`: no checks."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
     from llmswarm.node.client.chat import ChatOptions
@@ -64,7 +70,7 @@ def chat(
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
                        direct=direct, listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights,
-                       draft=draft, draft_tokens=draft_tokens, draft_dtype=draft_dtype)
+                       draft=draft, draft_tokens=draft_tokens, draft_dtype=draft_dtype, verify_rate=verify_rate)
     run_chat_rendered(opts, json_out)
 
 

@@ -135,10 +135,12 @@ def _load_snapshot(model: str, peers: list[str], simulate: str | None, seed: int
                            "available yet; use --simulate SERVERSxBLOCKS or --snapshot FILE") from None
     if not model:
         raise typer.BadParameter("--model is required to route through the live swarm")
+    from llmswarm.node.client.reputation import Reputation
     from llmswarm.node.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()  # py-libp2p's warnings are not the user's business
-    return trio.run(fetch_snapshot, model, peers, listen_host)  # the node layer bounds its own waits
+    snap = trio.run(fetch_snapshot, model, peers, listen_host)  # the node layer bounds its own waits
+    return Reputation.load().annotate(snap)  # what this client measured and checked, as `chat` routes
 
 
 def _record(res, snap) -> dict:
@@ -151,10 +153,13 @@ def _record(res, snap) -> dict:
                            "reach": reach.get(h.peer_id, "direct")}
                           for h in r.chain]}
 
+    measured = {s.peer_id: {"observed_rps": s.observed_rps, "announced_rps": s.inference_rps,
+                            "distrusted": s.distrusted}
+                for s in snap.servers if s.observed_rps is not None or s.distrusted}
     return {"model": snap.model, "num_blocks": snap.num_blocks, "servers": len(snap.servers),
             "solver": res.solver, "objectives": list(res.objectives), "front": [point(r) for r in res.front],
             "chosen": point(res.chosen), "reason": res.reason, "solve_time_s": res.solve_time_s,
-            "excluded": res.excluded, "details": res.details}
+            "excluded": res.excluded, "demoted": res.demoted, "measured": measured, "details": res.details}
 
 
 def _render(record: dict) -> None:
@@ -178,6 +183,11 @@ def _render(record: dict) -> None:
         n = len(record["excluded"])
         why = ", ".join(sorted(set(record["excluded"].values())))
         output.console.print(f"[dim]{n} server(s) excluded: {why}[/dim]")
+    for peer, why in record["demoted"].items():
+        output.console.print(f"[yellow]demoted[/yellow] {_short(peer)}: {why}")
+    if record["measured"]:
+        output.console.print(f"[dim]{len(record['measured'])} server(s) routed on speeds this client measured "
+                             "(`llmswarm trust` lists them)[/dim]")
     if record["details"].get("seeds") is not None:
         d = record["details"]
         output.console.print(f"[dim]nsga2: {d['generations']} generations x {d['pop_size']}, seeded with "

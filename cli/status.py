@@ -36,8 +36,11 @@ def status(
     quiet_libp2p_logging()
     name = resolve(model).name if model else None
     addrs = split_peers(peers)
+    from llmswarm.node.client.reputation import Reputation
+
+    rep = Reputation.load()  # what this client measured and checked of each server (`llmswarm trust`)
     if once or json_out:
-        snap = trio.run(fetch_status, addrs, name)
+        snap = _with_trust(trio.run(fetch_status, addrs, name), rep)
         if json_out:
             output.print_json(snap)
         else:
@@ -56,7 +59,7 @@ def status(
                   auto_refresh=False, redirect_stderr=False) as live:
 
             def show(snap: dict[str, Any]) -> None:
-                last.update(snap)
+                last.update(_with_trust(snap, rep))
                 live.update(render(snap, footer=True, interval=interval), refresh=True)
 
             trio.run(watch_status, addrs, name, show, quit_event.is_set, interval)
@@ -64,6 +67,12 @@ def status(
         pass
     finally:
         keys.stop()
+
+
+def _with_trust(snap: dict[str, Any], rep) -> dict[str, Any]:
+    for s in snap["servers"]:
+        s["trust"] = rep.summary(s["peer_id"])
+    return snap
 
 
 def _exit_if_broken(snap: dict[str, Any], name: str | None) -> None:
@@ -139,13 +148,22 @@ def _weights(s: dict[str, Any]) -> str:
     return (s.get("dtype") or "-") + ("" if quant in ("none", "") else f" [yellow]{quant}[/yellow]")
 
 
+def _trust(t: dict[str, Any] | None) -> str:
+    """What this client knows of the server: verdict, checks passed/failed, measured speed."""
+    if not t or t["verdict"] == "neutral" and not t["measured_rps"]:
+        return "[dim]neutral[/dim]"
+    colour = {"distrusted": "red", "trusted": "green"}.get(t["verdict"], "white")
+    measured = f" {t['measured_rps']:.0f}/s/blk" if t["measured_rps"] else ""
+    return f"[{colour}]{t['verdict']}[/] {t['checks_passed']}/{t['checks_failed']}{measured}"
+
+
 def _servers_table(servers: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="servers", title_justify="left", expand=False)
     right = {"throughput", "rtt", "cache left", "sessions"}
     for col in ("server", "peer", "model", "span", "weights", "state", "reach", "throughput", "rtt", "cache left",
-                "sessions", "load", "version"):
+                "sessions", "trust", "load", "version"):
         table.add_column(col, justify="right" if col in right else "left", no_wrap=col in ("server", "state"))
     colours = {"online": "green", "joining": "yellow", "offline": "red", "gone": "red"}
     for s in servers:
@@ -154,7 +172,8 @@ def _servers_table(servers: list[dict[str, Any]]) -> Any:
         table.add_row(s["public_name"] or "-", s["peer_id"][-8:], s["model"], f"{s['start']}:{s['end']}", _weights(s),
                       f"[{colours.get(s['state'], 'white')}]{s['state']}[/]", s.get("reach", "direct"),
                       f"{s['throughput']:.1f} tok/s",
-                      rtt, str(s["cache_tokens_left"]), str(s["sessions"]), _load(s["health"]),
+                      rtt, str(s["cache_tokens_left"]), str(s["sessions"]), _trust(s.get("trust")),
+                      _load(s["health"]),
                       s["version"] or "-", style="dim" if dead else None)
     return table
 

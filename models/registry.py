@@ -103,3 +103,16 @@ QUANT_MODES = ("none", "int8", "nf4")  # `join --quant`: petals' choices
 DEFAULT_QUANT = "none"
 NF4_BLOCK_SIZE = 64  # weights per absmax scale in nf4 (bitsandbytes' default)
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold (bitsandbytes' and petals' choice): larger inputs stay 16-bit
+
+# --------------------------------------------------------------------------------------------------
+# How far two honest computations of the same blocks may differ (models/precision.py). Relative L2
+# error per position of the span's output. A side computing in a dtype with unit roundoff u (2^-24
+# float32, 2^-11 float16, 2^-8 bfloat16) contributes PRECISION_ERROR_FACTOR * u; quantised weights
+# add their own term; sides combine as the root of the sum of squares. Measured on smollm2-135m (30
+# blocks, tests/test_verify_tolerance.py): float32 vs bfloat16 reaches 0.066 at worst, the bound is 0.125.
+# --------------------------------------------------------------------------------------------------
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+PRECISION_ERROR_FACTOR = 32.0
+QUANT_ERROR = {"none": 0.0, "int8": 0.25, "nf4": 0.5}  # not calibrated on a GPU yet: generous on purpose
+UNKNOWN_QUANT_ERROR = 0.5  # a mode this version does not know
+MIN_RELATIVE_TOLERANCE = 1e-3  # float32 on both sides: kernels that batch differently still differ a little

@@ -247,3 +247,29 @@ API_ROUTE_REUSE_S = 2.0
 API_RETRY_AFTER_S = 10  # the Retry-After (seconds) of a 503: about one announce of a joining server
 API_SWARM_PERIOD_S = 2.0  # how often the page's data (GET /v1/swarm) is taken: records, pings
 API_SHUTDOWN_GRACE_S = 5.0  # on Ctrl-C, how long requests in flight have to finish
+
+# --------------------------------------------------------------------------------------------------
+# Trust (node/client/observed.py, reputation.py, verify.py): what a client measures and checks itself
+# --------------------------------------------------------------------------------------------------
+# Output checks: `chat --verify-rate R` checks every 1/R-th decode step, and each check covers every
+# step since the last one (a second chain of other servers recomputes them as one batched step), so
+# nothing goes unchecked; the answer's text is shown once checked. 1/16: a corrupting server is caught
+# within 16 steps. Checks run beside the answer: `llmswarm bench verify` measured 0.988x the tokens/s of
+# no checks at this rate, 0.884x at every step (README).
+DEFAULT_VERIFY_RATE = 1 / 16
+OBSERVED_MIN_SAMPLES = 3  # measured decode steps of a server before its measurement replaces its claim
+OBSERVED_ALPHA = 0.3  # weight of each new measured step in a server's running figure
+REPUTATION_FILE_NAME = "reputation.json"  # next to the identity keys (config.default_identity_path())
+MAX_REPUTATION_PEERS = 4096  # peers remembered; the longest unseen are forgotten first
+# A server is distrusted (left out of every route) once it failed at least this many checks and more
+# than DISTRUST_FAILED_SHARE of its checks: one detected corruption suffices for a new server, while an
+# old honest one survives a rare false alarm.
+DISTRUST_MIN_FAILED = 1
+DISTRUST_FAILED_SHARE = 0.1
+
+
+def default_reputation_path() -> Path:
+    """`$LLMSWARM_REPUTATION`, else `reputation.json` in the folder of the default identity keys."""
+    if os.environ.get("LLMSWARM_REPUTATION"):
+        return Path(os.environ["LLMSWARM_REPUTATION"])
+    return default_identity_path().parent / REPUTATION_FILE_NAME

@@ -8,7 +8,7 @@ at p, the servers ending at p (`enders`) hand over to the servers covering p (`c
 
 Latency of one decode step (seconds, additive along the chain):
     rtt(client, first)/2
-  + sum over servers j entered at block p of (end_j - p) / inference_rps_j      (compute)
+  + sum over servers j entered at block p of (end_j - p) / rps_j                (compute)
   + sum over hops i -> j of rtt(i, j)/2 + hop_overhead_s                        (network + serialise)
   + rtt(last, client)/2
 Without relay (`chat --no-relay`) every hop goes back through the client: a hop i -> j costs
@@ -19,7 +19,8 @@ RELAYED_OVERHEAD_S each time a step's hidden states pass through the relay: on e
 (client or previous server dial it through the relay), and on its output back to the client.
 Unknown RTTs are estimated, in this order: measured next_rtts (either direction); the snapshot's
 region table; rtt_client_i + rtt_client_j (the triangle bound, right for one-machine swarms);
-DEFAULT_RTT_S. Throughput of a chain is the minimum announced throughput of its servers.
+DEFAULT_RTT_S. Throughput of a chain is the minimum throughput of its servers. rps and throughput are
+what the client measured when the snapshot carries `observed_rps`, else what the server announced.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ HOP_OVERHEAD_S = 0.002  # serialise + deserialise one step's hidden states at a 
 # A relay (py-libp2p circuit relay v2) copies each frame between two yamux streams in Python: ~1 ms
 # per pass on 2 busy cores, beyond the link delays that RTTs measured through it already include.
 RELAYED_OVERHEAD_S = 0.001
+# A server whose announced speed exceeds what the client measured by more than this factor is
+# "demoted": it is routed on the measurement (as every measured server is) and named in the result.
+# Honest servers measure within ~2x of their claim (the client's figure includes its libp2p hop).
+OVERCLAIM_FACTOR = 3.0
 
 class ChainGraph:
     """Eligible servers as arrays, and per-position hop costs. Index k = position, j = server."""
@@ -46,6 +51,7 @@ class ChainGraph:
                  relayed_overhead_s: float = RELAYED_OVERHEAD_S):
         self.num_blocks = L = snap.num_blocks
         self.excluded = _excluded(snap, banned, need_cache_tokens, exact_weights)
+        self.demoted = demoted(snap)
         cands = [s for s in snap.servers if s.peer_id not in self.excluded]
         _check_coverage(L, cands, self.excluded)
         keep = _useful(L, [(s.start, s.end) for s in cands])
@@ -53,8 +59,8 @@ class ChainGraph:
         S = len(self.servers)
         self.start = np.array([s.start for s in self.servers], dtype=np.int64)
         self.end = np.array([s.end for s in self.servers], dtype=np.int64)
-        self.step_s = np.array([1.0 / s.inference_rps for s in self.servers])  # per block
-        self.thr = np.array([s.throughput for s in self.servers], dtype=float)
+        self.step_s = np.array([1.0 / s.rps for s in self.servers])  # per block: measured beats announced
+        self.thr = np.array([s.routed_throughput for s in self.servers], dtype=float)
         self.risk = np.array([-math.log(s.availability) for s in self.servers])
         rtt = np.array([np.nan if s.rtt_s is None else s.rtt_s for s in self.servers])
         self.client_half = np.where(np.isnan(rtt), default_rtt_s, rtt) / 2
@@ -169,10 +175,22 @@ def _excluded(snap: Snapshot, banned, need_cache_tokens: int, exact_weights: boo
     for s in snap.servers:
         if s.peer_id in banned:
             out[s.peer_id] = "banned"
+        elif s.distrusted:
+            out[s.peer_id] = f"distrusted: {s.distrusted}"
         elif exact_weights and not s.exact_weights:
             out[s.peer_id] = f"quantised weights ({s.quant})"
         elif s.cache_tokens_left is not None and s.cache_tokens_left < need:
             out[s.peer_id] = f"cache room {s.cache_tokens_left} < {need} tokens"
+    return out
+
+
+def demoted(snap: Snapshot, factor: float = OVERCLAIM_FACTOR) -> dict[str, str]:
+    """peer_id -> why it is routed on far less than it announces (measured by the client)."""
+    out = {}
+    for s in snap.servers:
+        if s.observed_rps is not None and s.inference_rps > factor * s.observed_rps:
+            out[s.peer_id] = (f"announces {s.inference_rps:.4g} steps/s per block, measured {s.observed_rps:.4g} "
+                              f"({s.inference_rps / s.observed_rps:.0f}x less): routed on what it delivers")
     return out
 
 
@@ -184,7 +202,7 @@ def _check_coverage(L: int, servers, excluded: dict[str, str]) -> None:
     holes = np.flatnonzero(np.cumsum(covered)[:L] == 0)
     if len(holes):
         ranges = _ranges(holes)
-        why = f" ({len(excluded)} servers excluded: banned, no cache room or quantised)" if excluded else ""
+        why = f" ({len(excluded)} servers excluded: banned, distrusted, no cache room or quantised)" if excluded else ""
         raise NoRouteError(f"no eligible server holds block(s) {ranges} of {L}{why}; "
                            "wait for servers to join, or ban fewer")
 

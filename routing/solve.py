@@ -27,6 +27,7 @@ class SolveResult:
     objectives: tuple[str, ...]
     excluded: dict[str, str] = field(default_factory=dict)  # peer_id -> why it was left out
     details: dict = field(default_factory=dict)  # solver-specific: generations, seeds, ...
+    demoted: dict[str, str] = field(default_factory=dict)  # peer_id -> why it is routed below its claim
 
 
 def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, seed: int = 0,
@@ -66,4 +67,5 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
     if solver == "dijkstra":
         reason = f"the single least-latency chain (petals' Dijkstra): {chosen.latency_s * 1000:.1f} ms/step"
     return SolveResult(front=front, chosen=chosen, reason=reason, solve_time_s=time.perf_counter() - t0,
-                       solver=solver, objectives=tuple(objectives), excluded=g.excluded, details=details)
+                       solver=solver, objectives=tuple(objectives), excluded=g.excluded, details=details,
+                       demoted=g.demoted)

@@ -37,6 +37,20 @@ class ServerInfo:
     availability: float = 1.0  # probability it stays up for the session; risk = -log(availability)
     quant: str = "none"  # how its weights are stored: "none" (exact), "int8", "nf4", ...
     reach: str = "direct"  # how the client reaches it: "direct", "relayed" (circuit relay), "hole-punched"
+    # What the client measured itself (node/client/observed.py), in place of the server's claims once
+    # it has enough samples: decode steps per second per block. None = not measured (announced used).
+    observed_rps: float | None = None
+    distrusted: str | None = None  # why the client no longer trusts it (failed output checks): excluded
+
+    @property
+    def rps(self) -> float:
+        """Decode steps per second per block as routed on: measured when measured, else announced."""
+        return self.observed_rps if self.observed_rps is not None else self.inference_rps
+
+    @property
+    def routed_throughput(self) -> float:
+        """Tokens/s as routed on: one measured decode step through the whole span when measured."""
+        return self.observed_rps / self.length if self.observed_rps is not None else self.throughput
 
     @property
     def exact_weights(self) -> bool:
@@ -74,6 +88,8 @@ class Snapshot:
                 raise RoutingError(f"{where} needs throughput >= 0, got {s.throughput!r}")
             if s.rtt_s is not None and not (_finite(s.rtt_s) and s.rtt_s >= 0):
                 raise RoutingError(f"{where} has a bad rtt_s {s.rtt_s!r}")
+            if s.observed_rps is not None and not (_finite(s.observed_rps) and s.observed_rps > 0):
+                raise RoutingError(f"{where} needs observed_rps > 0, got {s.observed_rps!r}")
             if not (_finite(s.availability) and 0 < s.availability <= 1):
                 raise RoutingError(f"{where} needs 0 < availability <= 1, got {s.availability!r}")
             for peer, rtt in s.next_rtts.items():
@@ -91,7 +107,7 @@ class Snapshot:
         for s in self.servers:
             rec: dict[str, Any] = {"peer_id": s.peer_id, "start": s.start, "end": s.end,
                                    "inference_rps": s.inference_rps, "throughput": s.throughput}
-            for key in ("cache_tokens_left", "rtt_s", "public_name", "region"):
+            for key in ("cache_tokens_left", "rtt_s", "public_name", "region", "observed_rps", "distrusted"):
                 if getattr(s, key) is not None:
                     rec[key] = getattr(s, key)
             if s.next_rtts:
@@ -210,7 +226,9 @@ def _server_from_dict(rec: Any, i: int) -> ServerInfo:
         if rec["reach"] not in REACHES:
             raise RoutingError(f"snapshot {where} reach must be one of {', '.join(REACHES)}, got {rec['reach']!r}")
         opt["reach"] = rec["reach"]
-    for key in ("public_name", "region", "quant"):
+    if rec.get("observed_rps") is not None:
+        opt["observed_rps"] = _field(rec, "observed_rps", float, where)
+    for key in ("public_name", "region", "quant", "distrusted"):
         if rec.get(key) is not None:
             opt[key] = str(rec[key])
     if "availability" in rec:

@@ -25,10 +25,15 @@ from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, resolve
 from llmswarm.models.span import load_span, parse_dtype
 from llmswarm.models.speculative import Drafter, load_drafter
 from llmswarm.node import config
+from llmswarm.node.client.checked_turn import checked_turn
+from llmswarm.node.client.observed import Observed
+from llmswarm.node.client.reputation import Reputation
 from llmswarm.node.client.route import make_replan, plan_route, route_lines, wire_dtype
 from llmswarm.node.client.session import open_session
+from llmswarm.node.client.verify import Verifier, parse_verify_rate
 from llmswarm.node.discovery.directory import open_directory
 from llmswarm.node.discovery.swarm_view import require_peers
+from llmswarm.node.errors import UsageError
 from llmswarm.node.host import ephemeral_host, open_host, quiet_libp2p_logging
 
 StepFn = Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]
@@ -61,6 +66,7 @@ class ChatOptions:
     draft: str | None = None  # a small model with the same tokenizer: speculative decoding (models/speculative.py)
     draft_tokens: int = DEFAULT_DRAFT_TOKENS  # the most draft tokens per step
     draft_dtype: str | None = None  # None or "auto": the model's dtype
+    verify_rate: str | float | None = None  # share of steps that end in a check (node/client/verify.py); None: default
 
 
 class ChatEvents(Protocol):
@@ -89,6 +95,7 @@ def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
     if not opts.local:
         require_peers(opts.peers)
         wire_dtype(opts.wire_dtype)  # fail before loading anything
+        parse_verify_rate(opts.verify_rate)
     spec = resolve(opts.model)
     dtype = parse_dtype(opts.dtype, opts.device)
     model = load_client_model(spec, dtype, opts.device, events.progress, with_blocks=opts.local)
@@ -113,31 +120,53 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents,
     # A client needs no stable peer id unless the user asks for one (--identity FILE).
     listen = opts.listen_host  # 0.0.0.0: a server behind NAT can dial us back (hole punching)
     host_cm = open_host(opts.identity, listen_host=listen) if opts.identity else ephemeral_host(listen_host=listen)
+    observed = Observed(Reputation.load())  # what this client measured and checked, kept across runs
+    rate = parse_verify_rate(opts.verify_rate)
+    if drafter is not None and rate > 0:
+        # A checked answer is generated one token per step (node/client/checked_turn.py); checking
+        # speculative steps is not built yet, so a draft turns the default checks off, and says so.
+        if opts.verify_rate is not None:
+            raise UsageError("--draft and --verify-rate cannot be combined yet: drop one of them")
+        rate = 0.0
+        events.note("output checks are off with --draft (not combined yet); for checked answers, drop --draft")
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         host.use_direct = opts.direct
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
-                                         exact_weights=opts.exact_weights, relay=opts.relay)
+                                         exact_weights=opts.exact_weights, relay=opts.relay, observed=observed)
         if opts.show_route:
             events.route(route_lines(result, names))
         replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights,
-                             opts.relay)
-        async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size, opts.max_length,
-                                model.dtype, replan=replan, notify=events.note, step_timeout_s=opts.step_timeout,
-                                relay=opts.relay, wire_dtype=wire_dtype(opts.wire_dtype)) as session:
-            if opts.show_route:
-                direct = sum(s.stream.direct for s in session.spans)
-                events.route([f"streams: {direct} of {len(session.spans)} on the data plane (TLS), "
-                              f"{len(session.spans) - direct} on libp2p"])
-            # with a draft, the draft works ahead while each step crosses the swarm
-            step: StepFn = session.step if drafter is None else partial(session.step,
-                                                                         while_waiting=drafter.work_ahead)
-            await converse(opts, model, step, events, drafter)
+                             opts.relay, observed=observed)
+        try:
+            async with open_session(host, result.chosen.chain, model.spec.name, model.cfg.hidden_size,
+                                    opts.max_length, model.dtype, replan=replan, notify=events.note,
+                                    step_timeout_s=opts.step_timeout, relay=opts.relay,
+                                    wire_dtype=wire_dtype(opts.wire_dtype)) as session:
+                session.observer = observed
+                if opts.show_route:
+                    direct = sum(s.stream.direct for s in session.spans)
+                    events.route([f"streams: {direct} of {len(session.spans)} on the data plane (TLS), "
+                                  f"{len(session.spans) - direct} on libp2p"])
+                # with a draft, the draft works ahead while each step crosses the swarm
+                step: StepFn = session.step if drafter is None else partial(session.step,
+                                                                             while_waiting=drafter.work_ahead)
+                async with trio.open_nursery() as checks:  # output checks run here, beside the answer
+                    verifier = Verifier(host, d, model, session, observed, rate, opts.max_length, opts.solver,
+                                        opts.prefer, events.note, opts.relay, checks) if rate > 0 else None
+                    try:
+                        await converse(opts, model, step, events, drafter, verifier)
+                    finally:
+                        if verifier is not None:
+                            await verifier.aclose()
+        finally:
+            observed.reputation.save()
 
 
 async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: ChatEvents,
-                   drafter: Drafter | None = None) -> None:
-    """The chat loop: one turn per user message (or just `opts.prompt`), however the blocks run; with a
-    `drafter`, each step verifies the tokens it proposes (speculative decoding)."""
+                   drafter: Drafter | None = None, verifier: Verifier | None = None) -> None:
+    """The chat loop: one turn per user message (or just `opts.prompt`), however the blocks run. With a
+    `drafter`, each step verifies the tokens it proposes (speculative decoding); with a `verifier`, each
+    answer's outputs are checked and its text shown once checked."""
     sampler = Sampler(Sampling(opts.temperature, opts.top_p, opts.seed))
     conv = Conversation(model.tokenizer, opts.system)
     while (text := await _next_message(opts, events)) is not None:
@@ -152,7 +181,11 @@ async def converse(opts: ChatOptions, model: ClientModel, step: StepFn, events: 
         if turn.truncated:
             events.note(f"the answer may stop early: the conversation is {len(turn.prompt)} tokens and "
                         f"--max-length is {opts.max_length}; pass a larger --max-length for longer answers")
-        events.done(turn.finish(await drive(turn.steps, step)))
+        if verifier is None:
+            events.done(turn.finish(await drive(turn.steps, step)))
+        else:
+            room = min(opts.max_new_tokens, opts.max_length - len(turn.prompt))
+            events.done(turn.finish(await checked_turn(turn, model, sampler, room, verifier, events.text)))
         if opts.prompt is not None:
             return
 

@@ -9,6 +9,7 @@ never mistaken for a continuation (the defect of petals #587).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,8 +36,16 @@ class Bans:
         self.until: dict[str, float] = {}
         self.failures: dict[str, int] = {}
         self.refused: set[str] = set()
+        self.distrusted: set[str] = set()  # caught returning wrong outputs: avoided for the whole session
+
+    def distrust(self, peer_id: str) -> None:
+        self.distrusted.add(peer_id)
+        self.refused.add(peer_id)
+        self.until[peer_id] = math.inf
 
     def ban(self, peer_id: str, error: PeerError) -> float:
+        if peer_id in self.distrusted:
+            return math.inf
         refused = isinstance(error, RemoteError)
         n = self.failures[peer_id] = self.failures.get(peer_id, 0) + 1
         duration = self.base_s * 2 ** (n - 1)
@@ -125,5 +134,7 @@ async def recover(session: InferenceSession, down: HopDown, step_input: torch.Te
 
 def _ban(session: InferenceSession, hop: Hop, error: PeerError) -> None:
     duration = session.bans.ban(hop.peer_id, error)
+    if math.isinf(duration):
+        return  # distrusted: node/client/verify.py has told the person already
     session.notify(f"server {hop.peer_id[-8:]} failed on blocks {hop.start}:{hop.end} ({error}); "
                    f"avoiding it for {duration:g} s and re-routing")

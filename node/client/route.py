@@ -10,6 +10,7 @@ import trio
 from llmswarm.models.local import ClientModel
 from llmswarm.node import config
 from llmswarm.node.client.failover import Bans, Replan
+from llmswarm.node.client.observed import Observed
 from llmswarm.node.discovery.directory import Directory
 from llmswarm.node.discovery.swarm_view import (
     coverage_gaps,
@@ -46,11 +47,13 @@ async def plan_route(host: Host, directory: Directory, model: ClientModel, solve
                      max_length: int, banned: frozenset[str] = frozenset(),
                      coverage_wait_s: float = config.COVERAGE_WAIT_S,
                      exact_weights: bool = False, relay: bool = True,
-                     known_rtts: dict[str, float] | None = None) -> tuple[SolveResult, dict[str, str]]:
+                     known_rtts: dict[str, float] | None = None,
+                     observed: Observed | None = None) -> tuple[SolveResult, dict[str, str]]:
     """Measure the live servers and solve; `relay=False` (`--no-relay`) prices every hop through the
     client. `names` says how each server is called and reached (e.g. "home (relayed)"). `known_rtts`:
     round trips measured lately by the caller (`llmswarm api` measures every server every few seconds
-    for all its requests); only the servers missing from it are pinged now."""
+    for all its requests); only the servers missing from it are pinged now. `observed`: what this client
+    measured and checked itself (speeds in place of claims, distrusted servers left out)."""
     name, num_blocks = model.spec.name, model.cfg.num_blocks
     records = await wait_for_coverage(directory, name, num_blocks, coverage_wait_s)
     usable = [r for r in records if r.peer_id not in banned]  # excluded anyway: no dial, no ping timeout
@@ -61,6 +64,8 @@ async def plan_route(host: Host, directory: Directory, model: ClientModel, solve
         rtts.update(await measure_rtts(host, missing))
     reach = {pid: host.reach(pid) for pid in rtts}
     snapshot = to_snapshot(records, name, num_blocks, rtts, reach)
+    if observed is not None:
+        observed.annotate(snapshot)
     result = solve(snapshot, solver=solver, prefer=prefer, seed=0, banned=banned, need_cache_tokens=max_length,
                    time_budget_s=config.CHAT_SOLVE_BUDGET_S, exact_weights=exact_weights, relay=relay)
     names = {r.peer_id: (r.public_name or r.peer_id[-8:]) + (f" ({r.quant})" if r.quant != "none" else "")
@@ -70,7 +75,8 @@ async def plan_route(host: Host, directory: Directory, model: ClientModel, solve
 
 
 def make_replan(host: Host, directory: Directory, model: ClientModel, solver: str, prefer: str,
-                max_length: int, exact_weights: bool = False, relay: bool = True) -> Replan:
+                max_length: int, exact_weights: bool = False, relay: bool = True,
+                observed: Observed | None = None) -> Replan:
     """How a session finds a new chain after a failure: without the banned servers, except those that
     died and answer again (restarted), waiting up to FAILOVER_WAIT_S for a route to exist."""
     name = model.spec.name
@@ -81,7 +87,8 @@ def make_replan(host: Host, directory: Directory, model: ClientModel, solver: st
             await directory.refresh()
             try:
                 result, _ = await plan_route(host, directory, model, solver, prefer, max_length, bans.active(),
-                                             coverage_wait_s=0.0, exact_weights=exact_weights, relay=relay)
+                                             coverage_wait_s=0.0, exact_weights=exact_weights, relay=relay,
+                                             observed=observed)
                 return result.chosen.chain
             except NoRouteError as e:
                 if time.monotonic() > deadline:
@@ -103,8 +110,12 @@ def make_replan(host: Host, directory: Directory, model: ClientModel, solver: st
 
 def route_lines(result: SolveResult, names: dict[str, str]) -> list[str]:
     chain = " -> ".join(f"{names.get(h.peer_id, h.peer_id[-8:])} [{h.start}:{h.end})" for h in result.chosen.chain)
-    return [f"route: {chain}",
-            f"  {result.chosen.latency_s * 1000:.1f} ms/step estimated, {result.solver}: {result.reason}"]
+    lines = [f"route: {chain}",
+             f"  {result.chosen.latency_s * 1000:.1f} ms/step estimated, {result.solver}: {result.reason}"]
+    lines += [f"  demoted {names.get(p, p[-8:])}: {why}" for p, why in result.demoted.items()]
+    lines += [f"  left out {names.get(p, p[-8:])}: {why}" for p, why in result.excluded.items()
+              if why.startswith("distrusted")]
+    return lines
 
 
 def wire_dtype(name: str | None) -> torch.dtype | None:

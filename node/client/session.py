@@ -13,8 +13,10 @@ relayed step stalled but every server answers: retry without relay).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import trio
@@ -28,6 +30,9 @@ from llmswarm.node.host import Host
 from llmswarm.node.wire.codec import MsgType
 from llmswarm.node.wire.messages import Close, Link, NextHop, Output, Step
 from llmswarm.routing import Hop
+
+if TYPE_CHECKING:
+    from llmswarm.node.client.observed import Observed
 
 RunOutcome = Answered | RelayBroke | HopDown | AllAlive
 
@@ -53,6 +58,7 @@ class InferenceSession:
         self.seq = 0
         self.inbox = Inbox(nursery)
         self._nursery = nursery
+        self.observer: Observed | None = None  # times decode steps sent to one server alone
 
     @property
     def chain(self) -> list[Hop]:
@@ -71,8 +77,10 @@ class InferenceSession:
         if self.needs_link:
             await self._link_chain()
         i, recoveries = 0, 0
+        timed = {s for s in self.spans if self.observer.wants(s.hop.peer_id)} \
+            if self.observer is not None and hidden.shape[1] == 1 else set()
         while i < len(self.spans):
-            run = self._run_from(i)
+            run = self._run_from(i, timed)
             outcome = await self.run(run, hidden, position, while_waiting)
             while_waiting = None
             match outcome:
@@ -95,10 +103,12 @@ class InferenceSession:
                     i, hidden = down.index, down.hidden
         return hidden
 
-    def _run_from(self, i: int) -> list[RemoteSpan]:
-        """Hops i..j where each one but the last forwards to the next (relay)."""
+    def _run_from(self, i: int, alone: set[RemoteSpan] = frozenset()) -> list[RemoteSpan]:
+        """Hops i..j where each one but the last forwards to the next (relay); a hop in `alone` (to be
+        timed) is a run of its own."""
         j = i
-        while self.relay and j + 1 < len(self.spans) and self.spans[j].linked:
+        while (self.relay and j + 1 < len(self.spans) and self.spans[j].linked
+               and not {self.spans[j], self.spans[j + 1]} & alone):
             j += 1
         return self.spans[i : j + 1]
 
@@ -111,6 +121,7 @@ class InferenceSession:
         for s in run[1:]:
             s.relayed(position)
         frame = Step(self.seq, position, hidden.to(self.wire_dtype).contiguous(), relay=len(run) > 1).to_frame()
+        started = time.perf_counter()
         try:
             await first.stream.send(frame, timeout_s=self.step_timeout_s)
         except PeerError as e:
@@ -121,9 +132,12 @@ class InferenceSession:
         match outcome:
             case Reply(span=span, frame=reply):
                 try:
-                    return Answered(self._output(reply, hidden.shape[1]))
+                    answered = Answered(self._output(reply, hidden.shape[1]))
                 except WireError as e:
                     return HopDown(span, PeerError(f"server {span.name} sent a bad output: {e}"))
+                if self.observer is not None and len(run) == 1 and hidden.shape[1] == 1:
+                    self.observer.sample(first.hop, time.perf_counter() - started)
+                return answered
             case HopDown() | RelayBroke():
                 return outcome
         return await self._stalled(run)
