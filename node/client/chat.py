@@ -124,11 +124,10 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents,
     rate = parse_verify_rate(opts.verify_rate)
     if drafter is not None and rate > 0:
         # A checked answer is generated one token per step (node/client/checked_turn.py); checking
-        # speculative steps is not built yet, so a draft turns the default checks off, and says so.
+        # speculative steps is not built yet, so a draft turns the default checks off (README: Trust).
         if opts.verify_rate is not None:
             raise UsageError("--draft and --verify-rate cannot be combined yet: drop one of them")
         rate = 0.0
-        events.note("output checks are off with --draft (not combined yet); for checked answers, drop --draft")
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         host.use_direct = opts.direct
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
@@ -152,7 +151,8 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents,
                                                                              while_waiting=drafter.work_ahead)
                 async with trio.open_nursery() as checks:  # output checks run here, beside the answer
                     verifier = Verifier(host, d, model, session, observed, rate, opts.max_length, opts.solver,
-                                        opts.prefer, events.note, opts.relay, checks) if rate > 0 else None
+                                        opts.prefer, events.note, opts.relay, checks,
+                                        asked=opts.verify_rate is not None) if rate > 0 else None
                     try:
                         await converse(opts, model, step, events, drafter, verifier)
                     finally:

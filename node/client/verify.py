@@ -84,10 +84,12 @@ class Verifier:
 
     def __init__(self, host: Host, directory: Directory, model: ClientModel, session: InferenceSession,
                  observed: Observed, rate: float, max_length: int, solver: str, prefer: str,
-                 notify, relay: bool = True, nursery: trio.Nursery | None = None) -> None:
+                 notify, relay: bool = True, nursery: trio.Nursery | None = None, asked: bool = True) -> None:
         """`nursery`: where checks run beside the answer (None: each check is awaited). It must be
         opened before the verifier's first check and outlive `aclose()`: the second chain's session is
-        opened inside it, in the caller's task, and trio nests scopes strictly."""
+        opened inside it, in the caller's task, and trio nests scopes strictly. `asked`: the person
+        asked for checks (--verify-rate); when they are only the default, a swarm where no second
+        server holds the blocks (a user's own swarm, `demo`) is not worth a warning on every chat."""
         self.host, self.directory, self.model, self.session = host, directory, model, session
         self.observed, self.max_length, self.notify = observed, max_length, notify
         self.solver, self.prefer, self.relay = solver, prefer, relay
@@ -102,6 +104,7 @@ class Verifier:
         self.stats = VerifyStats()
         self.pending: _Check | None = None  # the check in flight
         self.nursery = nursery
+        self.asked = asked
         self._second: InferenceSession | None = None
         self._why_not: dict[str, str] = {}  # peer -> why it could not give an opinion
         self._known: dict[str, ServerRecord] = {}  # every live record seen: records lapse between pulls
@@ -382,7 +385,8 @@ class Verifier:
     def _say_unchecked(self, why: str) -> None:
         if self.stats.unchecked != why:
             self.stats.unchecked = why
-            self.notify(f"verification: {why}")
+            if self.asked:
+                self.notify(f"verification: {why}")
 
     _second_chain: list[Hop] = []  # noqa: RUF012 - replaced per instance when a second chain opens
     _second_end: int = -1  # the second chain's caches hold positions [0, _second_end)
