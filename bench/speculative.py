@@ -103,7 +103,7 @@ def bench_speculative(model: str = "smollm2-135m", drafts: list[str] | None = No
         tps = statistics.median(a["tokens_per_s"] for a in answers)
         row = {"tokens_per_s": tps, "ms_per_token": 1000 / tps if tps else None,
                "token_identical": all(a["token_ids"] == reference for a in answers),
-               "tokens_per_step": statistics.median(len(a["token_ids"]) / a["steps"] for a in answers)}
+               "tokens_per_step": statistics.median(len(a["token_ids"]) / max(1, a["steps"]) for a in answers)}
         if answers[0].get("draft"):
             row["acceptance_rate"] = statistics.median(a["draft"]["acceptance_rate"] for a in answers)
             row["proposals_drafted_ahead"] = statistics.median(a["draft"]["proposals_drafted_ahead"] for a in answers)

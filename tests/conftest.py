@@ -62,7 +62,8 @@ def smollm2() -> Path:
 # --------------------------------------------------------------------------------------------------
 # Parallel runs (pytest-xdist, `-n auto` in pyproject): most end-to-end time is spent waiting on
 # real processes, so two workers on two cores halve the suite. Tests that share a costly fixture
-# run on one worker (one shared swarm, not one per worker); the WAN beds run one at a time, since
+# run on one worker (one shared swarm, not one per worker), and so do each module's tests (a
+# module-scoped swarm, and tests that build on the one before); the WAN beds run one at a time, since
 # each emulates links in a user-space switch whose timing a second bed would disturb.
 # --------------------------------------------------------------------------------------------------
 def pytest_xdist_auto_num_workers(config) -> int:
@@ -76,6 +77,8 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.xdist_group("swarm3"))
         elif item.path.name.startswith("test_netbed"):
             item.add_marker(pytest.mark.xdist_group("netbed"))
+        else:  # a module's tests stay together: its module-scoped swarm starts once, in test order
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(autouse=True, scope="session")

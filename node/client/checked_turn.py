@@ -55,6 +55,7 @@ async def checked_turn(turn: ChatTurn, model: ClientModel, sampler: Sampler, max
     steps = generation_steps(model.parts, feed, start, max_new_tokens, sampler, model.stop_ids, on_token)
     hidden, position = next(steps)
     quiet = False
+    round_trips = 0  # swarm steps, replays after a detection included
     while True:
         if quiet:  # the failover after a detection: the person has had their one line
             notify, verifier.session.notify = verifier.session.notify, lambda _: None
@@ -65,6 +66,7 @@ async def checked_turn(turn: ChatTurn, model: ClientModel, sampler: Sampler, max
         else:
             out = await verifier.session.step(hidden, position)
         verifier.log(hidden, position, out)
+        round_trips += 1
         wrong = await verifier.collect()
         if wrong is None and verifier.due():
             await verifier.start()
@@ -88,4 +90,4 @@ async def checked_turn(turn: ChatTurn, model: ClientModel, sampler: Sampler, max
             now = time.perf_counter()
             return GenerationResult(token_ids=tokens, stopped=finished.stopped, prompt_tokens=len(feed),
                                     time_to_first_token_s=(first_at or now) - began,
-                                    decode_s=now - (first_at or now))
+                                    decode_s=now - (first_at or now), steps=round_trips)

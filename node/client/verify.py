@@ -119,6 +119,8 @@ class Verifier:
         self.checked = min(self.checked, position)  # a rewind (or a replay) is checked again
         self.since += 1
         self.steps += 1
+        if self._hopeless is not None and self._hopeless == self.session.chain:
+            self.checked = self.end  # nothing can check this chain: hold nothing back (text streams)
 
     def due(self) -> bool:
         return self.since >= self.period
