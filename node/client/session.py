@@ -108,7 +108,7 @@ class InferenceSession:
         timed) is a run of its own."""
         j = i
         while (self.relay and j + 1 < len(self.spans) and self.spans[j].linked
-               and not {self.spans[j], self.spans[j + 1]} & alone):
+               and not (alone and (self.spans[j] in alone or self.spans[j + 1] in alone))):
             j += 1
         return self.spans[i : j + 1]
 
