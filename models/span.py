@@ -19,6 +19,7 @@ from .errors import CheckpointError
 from .families import family_of
 from .kv_cache import KVCache
 from .paged_cache import PagedSequence, PagePool
+from .threads import threads, tune_decode_threads
 
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
@@ -41,12 +42,15 @@ class SpanRange:
 
 class Span:
     def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: nn.ModuleList, dtype: torch.dtype,
-                 device: str, context: object | None = None, quant: str = "none"):
+                 device: str, context: object | None = None, quant: str = "none",
+                 decode_threads: int | None = None):
         self.cfg, self.start, self.end = cfg, start, end
         self.blocks = blocks
         self.dtype, self.device = dtype, device
         self.quant = quant  # "none" | "int8" | "nf4": how the linear layers' weights are stored
         self.context = context or family_of(cfg).Context(cfg, dtype, device)
+        # CPU threads for one-row steps (models/threads.py); None: the process's count
+        self.decode_threads = decode_threads
 
     def sub(self, start: int, end: int) -> Span:
         """Blocks [start, end) (absolute indices) of this span, sharing its weights: a client may
@@ -56,7 +60,8 @@ class Span:
         if (start, end) == (self.start, self.end):
             return self
         blocks = nn.ModuleList(self.blocks[start - self.start : end - self.start])
-        return Span(self.cfg, start, end, blocks, self.dtype, self.device, self.context, self.quant)
+        return Span(self.cfg, start, end, blocks, self.dtype, self.device, self.context, self.quant,
+                    self.decode_threads)
 
     @property
     def num_blocks(self) -> int:
@@ -94,10 +99,27 @@ class Span:
             raise ValueError(f"a PagedSequence holds one session, but hidden has {hidden.shape[0]} rows")
         ctx = self.context(position, t)
         hidden = hidden.to(self.device, self.dtype)  # inputs arrive on the CPU (wire, embeddings)
-        for i, block in enumerate(self.blocks):
-            hidden = block(hidden, ctx, cache, i)
+        with threads(self.decode_threads if hidden.shape[0] * t == 1 else None):
+            for i, block in enumerate(self.blocks):
+                hidden = block(hidden, ctx, cache, i)
         cache.length = position + t
         return hidden
+
+    def tune_decode_threads(self) -> int | None:
+        """Time one-row steps after an idle gap with 1, 2, 4... threads and keep the best count for
+        this span's decode steps (models/threads.py). On a GPU the count does not matter: None."""
+        if str(self.device) != "cpu":
+            return None
+        cache = self.new_cache(2)
+        x = torch.zeros(1, 1, self.cfg.hidden_size, dtype=self.dtype)
+        self.decode_threads = None  # time every count, not the one chosen before
+
+        def step() -> None:
+            cache.reserve(0, 1)
+            self.forward(x, cache, 0)
+
+        self.decode_threads = tune_decode_threads(step)
+        return self.decode_threads
 
     @torch.inference_mode()
     def forward_batch(self, hidden: torch.Tensor, seqs: list[PagedSequence], positions: list[int]) -> torch.Tensor:

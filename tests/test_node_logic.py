@@ -365,3 +365,27 @@ def test_step_body_larger_than_the_session_could_need_is_refused_unread(span):
         assert err.value.code is ErrorCode.BAD_REQUEST
 
     _run(fn, {"s": server})
+
+
+def test_a_lone_step_runs_in_its_handler_and_a_step_with_company_waits_for_the_batch(span):
+    """With nothing queued and no other session stepping lately, a step is computed at once in the
+    caller's task (no scheduler task is running here to take it); once a second session is active,
+    its step is queued for the scheduler and batched instead."""
+    pool = span.new_pool(16, page_size=4)
+    a, b = pool.sequence(), pool.sequence()
+    scheduler = Scheduler(window_s=0.03, window_fraction=1e6)
+
+    async def main():
+        with trio.fail_after(5):
+            out = await scheduler.run(Job("a", span, a, torch.randn(1, 1, 64), 0))
+        assert out.shape == (1, 1, 64) and scheduler.stats.batches == 1
+        with trio.move_on_after(5) as waiting:  # "a" stepped just now: b's step waits for the scheduler
+            await scheduler.run(Job("b", span, b, torch.randn(1, 1, 64), 0))
+        assert waiting.cancelled_caught and scheduler.stats.batches == 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.serve)
+            await scheduler.run(Job("b", span, b, torch.randn(1, 1, 64), 0))
+            nursery.cancel_scope.cancel()
+        assert scheduler.stats.batches == 2
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

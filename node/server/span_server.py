@@ -38,6 +38,25 @@ from llmswarm.node.wire.stream import FramedStream
 NextHopLookup = Callable[[str, int], Awaitable[list[str] | None]]
 
 
+class QuickLock:
+    """A trio.Lock whose uncontended acquire is not a checkpoint: each checkpoint is a trip through
+    trio's run loop, and a step takes two of these locks on its hot path."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
 @dataclass
 class ServerStats:
     sessions: int = 0
@@ -64,8 +83,8 @@ class Session:
     upstream_peer: str | None
     peer: str  # the client's peer id: whose fair share this session counts against
     direct: bool = True  # its streams (the client's, the relay feed into it) may move to our data plane
-    send_lock: trio.Lock = field(default_factory=trio.Lock)  # client stream: written by two tasks
-    step_lock: trio.Lock = field(default_factory=trio.Lock)  # one step of a session at a time
+    send_lock: QuickLock = field(default_factory=QuickLock)  # client stream: written by two tasks
+    step_lock: QuickLock = field(default_factory=QuickLock)  # one step of a session at a time
     link: FramedStream | None = None  # to the next server, for relayed outputs
     upstream: FramedStream | None = None  # from the previous server, relayed inputs
     last_active: float = field(default_factory=trio.current_time)

@@ -1,0 +1,79 @@
+"""How many CPU threads a one-token step uses, measured on this machine rather than assumed.
+
+A server in a chain computes one decode step, then waits while the other servers and the client
+take their turns. Its OpenMP workers go to sleep in that wait, and waking them costs more than the
+second core brings to a one-row matrix-vector product, which is bound by memory, not arithmetic:
+measured on a 2-core VM, ten SmolLM2 blocks took 19 ms per step with 2 threads after a 40 ms idle
+gap, 14 ms with 1 thread (and 14 ms with 2 threads back to back, as `chat --local` steps). On a
+many-core machine the opposite may hold, so the choice is timed: `tune_decode_threads` runs real
+steps after the same kind of gap with each candidate count and keeps the fewest threads that are
+within a few percent of the fastest. Steps of more than one row (prefill, speculative checks,
+batches) keep every thread: they are compute-bound and the workers are busy long enough to pay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+IDLE_GAP_S = 0.03  # a step's wait for the rest of its chain, as measured on a local 3-server swarm
+TRIALS = 5
+TOLERANCE = 1.05  # fewer threads win unless more are this much faster: they leave cores to others
+BUDGET_S = 4.0  # stop trying larger counts once tuning has taken this long (big spans step slowly)
+
+
+def candidates(max_threads: int) -> list[int]:
+    """1, 2, 4, ... up to and including `max_threads`."""
+    out, n = [], 1
+    while n < max_threads:
+        out.append(n)
+        n *= 2
+    return [*out, max_threads]
+
+
+def tune_decode_threads(step: Callable[[], None], max_threads: int | None = None,
+                        gap_s: float = IDLE_GAP_S) -> int:
+    """The thread count for one-row steps: `step` (one decode step on scratch state) is timed after
+    an idle gap with each candidate count; the fewest threads within TOLERANCE of the fastest win.
+    The process's thread count is left as it was."""
+    total = max_threads or torch.get_num_threads()
+    if total <= 1:
+        return 1
+    started = time.perf_counter()
+    timings: dict[int, float] = {}
+    for n in candidates(total):
+        with threads(n):
+            step()  # warm-up at this count
+            times = []
+            for _ in range(TRIALS):
+                time.sleep(gap_s)
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        timings[n] = statistics.median(times)
+        if time.perf_counter() - started > BUDGET_S:
+            break
+    best = min(timings.values())
+    return min(n for n, t in timings.items() if t <= best * TOLERANCE)
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Run the body with `n` intra-op threads (None: as the process is). Setting the count costs
+    well under a microsecond, so this wraps single steps."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
