@@ -19,7 +19,7 @@ from .errors import CheckpointError
 from .families import family_of
 from .kv_cache import KVCache
 from .paged_cache import PagedSequence, PagePool
-from .threads import threads, tune_decode_threads
+from .threads import FEW_ROWS_PROBE, StepThreads, threads, tune_step_threads
 
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
@@ -43,14 +43,14 @@ class SpanRange:
 class Span:
     def __init__(self, cfg: ModelConfig, start: int, end: int, blocks: nn.ModuleList, dtype: torch.dtype,
                  device: str, context: object | None = None, quant: str = "none",
-                 decode_threads: int | None = None):
+                 step_threads: StepThreads | None = None):
         self.cfg, self.start, self.end = cfg, start, end
         self.blocks = blocks
         self.dtype, self.device = dtype, device
         self.quant = quant  # "none" | "int8" | "nf4": how the linear layers' weights are stored
         self.context = context or family_of(cfg).Context(cfg, dtype, device)
-        # CPU threads for one-row steps (models/threads.py); None: the process's count
-        self.decode_threads = decode_threads
+        # CPU threads for small steps (models/threads.py); None: the process's count
+        self.step_threads = step_threads
 
     def sub(self, start: int, end: int) -> Span:
         """Blocks [start, end) (absolute indices) of this span, sharing its weights: a client may
@@ -61,7 +61,7 @@ class Span:
             return self
         blocks = nn.ModuleList(self.blocks[start - self.start : end - self.start])
         return Span(self.cfg, start, end, blocks, self.dtype, self.device, self.context, self.quant,
-                    self.decode_threads)
+                    self.step_threads)
 
     @property
     def num_blocks(self) -> int:
@@ -99,27 +99,26 @@ class Span:
             raise ValueError(f"a PagedSequence holds one session, but hidden has {hidden.shape[0]} rows")
         ctx = self.context(position, t)
         hidden = hidden.to(self.device, self.dtype)  # inputs arrive on the CPU (wire, embeddings)
-        with threads(self.decode_threads if hidden.shape[0] * t == 1 else None):
+        with threads(self.step_threads.for_rows(hidden.shape[0] * t) if self.step_threads else None):
             for i, block in enumerate(self.blocks):
                 hidden = block(hidden, ctx, cache, i)
         cache.length = position + t
         return hidden
 
-    def tune_decode_threads(self) -> int | None:
-        """Time one-row steps after an idle gap with 1, 2, 4... threads and keep the best count for
-        this span's decode steps (models/threads.py). On a GPU the count does not matter: None."""
+    def tune_threads(self) -> StepThreads | None:
+        """Time small steps after an idle gap with 1, 2, 4... threads and keep the best counts for
+        this span (models/threads.py). On a GPU the count does not matter: None."""
         if str(self.device) != "cpu":
             return None
-        cache = self.new_cache(2)
-        x = torch.zeros(1, 1, self.cfg.hidden_size, dtype=self.dtype)
-        self.decode_threads = None  # time every count, not the one chosen before
+        cache = self.new_cache(FEW_ROWS_PROBE)
+        self.step_threads = None  # time every count, not the ones chosen before
 
-        def step() -> None:
-            cache.reserve(0, 1)
-            self.forward(x, cache, 0)
+        def step(rows: int) -> None:
+            cache.reserve(0, rows)
+            self.forward(torch.zeros(1, rows, self.cfg.hidden_size, dtype=self.dtype), cache, 0)
 
-        self.decode_threads = tune_decode_threads(step)
-        return self.decode_threads
+        self.step_threads = tune_step_threads(step)
+        return self.step_threads
 
     @torch.inference_mode()
     def forward_batch(self, hidden: torch.Tensor, seqs: list[PagedSequence], positions: list[int]) -> torch.Tensor:
@@ -138,8 +137,9 @@ class Span:
         batch = pool.batch(seqs, positions)
         ctx = self.context.batch(batch.position_ids, batch.keys)
         hidden = hidden.to(self.device, self.dtype)
-        for i, block in enumerate(self.blocks):
-            hidden = block(hidden, ctx, batch, i)
+        with threads(self.step_threads.for_rows(len(seqs)) if self.step_threads else None):
+            for i, block in enumerate(self.blocks):
+                hidden = block(hidden, ctx, batch, i)
         batch.commit()
         return hidden
 

@@ -33,6 +33,7 @@ from .errors import ModelError
 from .generate import GenerationResult, Sampler, Sampling, Steps
 from .local import ClientModel, load_client_model, load_local_chain
 from .registry import DEFAULT_DRAFT_TOKENS, DRAFT_PROBE_EVERY, MAX_DRAFT_TOKENS, resolve
+from .threads import StepThreads, threads
 
 
 class AdaptiveK:
@@ -132,8 +133,12 @@ class Drafter:
     next `propose` starts from those tokens instead of computing them after the reply."""
 
     def __init__(self, name: str, parts: nn.Module, blocks: Callable[[torch.Tensor, int], torch.Tensor],
-                 vocab_size: int, k_max: int) -> None:
+                 vocab_size: int, k_max: int, step_threads: StepThreads | None = None) -> None:
         self.name, self.parts, self.blocks = name, parts, blocks
+        # CPU threads while drafting (models/threads.py): drafting is one-row steps, and on a machine
+        # where one thread is as fast, the other cores stay free for the servers checking the last
+        # proposal (on one machine) and for the client's own head
+        self.step_threads = step_threads
         self.vocab_size = vocab_size  # the target's logits' width: the draft's are cut or padded to it
         self.k_max = k_max
         self.policy = AdaptiveK(k_max)  # kept across turns: the link and the draft do not change
@@ -145,8 +150,9 @@ class Drafter:
         self._ahead: tuple[list[int], list[int]] | None = None  # (the context guessed, drafts following it)
 
     def _logits(self, ids: list[int], position: int) -> torch.Tensor:
-        x = self.parts.embed(torch.tensor([ids], dtype=torch.long, device=self._device))
-        logits = self.parts.head(self.blocks(x, position)[:, -1:])[0, -1].float()
+        with threads(self.step_threads.for_rows(len(ids)) if self.step_threads else None):
+            x = self.parts.embed(torch.tensor([ids], dtype=torch.long, device=self._device))
+            logits = self.parts.head(self.blocks(x, position)[:, -1:])[0, -1].float()
         v = logits.shape[0]
         if v > self.vocab_size:
             return logits[: self.vocab_size]
@@ -319,4 +325,6 @@ def load_drafter(name: str, target: ClientModel, max_length: int, k_max: int = D
                          f"({differ} of {len(theirs)} tokens differ): pick a draft with the same vocabulary, "
                          "e.g. a smaller model of the same family")
     chain = load_local_chain(draft.ckpt, dtype, device, max_length + k_max + 1, progress=progress)
-    return Drafter(draft.spec.name, draft.parts, chain, target.cfg.vocab_size, k_max)
+    progress("timing the draft's threads", 0, None)
+    return Drafter(draft.spec.name, draft.parts, chain, target.cfg.vocab_size, k_max,
+                   step_threads=chain.spans[0].tune_threads())

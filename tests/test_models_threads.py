@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 from llmswarm.models import threads
-from llmswarm.models.threads import candidates, tune_decode_threads
+from llmswarm.models.threads import FEW_ROWS, StepThreads, candidates, tune_count
 
 
 def test_candidates_double_up_to_the_machine():
@@ -30,11 +30,11 @@ def test_tuning_keeps_the_fewest_threads_within_tolerance_of_the_fastest(monkeyp
         clock[0] += cost_ms[torch.get_num_threads()] / 1000
 
     before = torch.get_num_threads()
-    assert tune_decode_threads(step, max_threads=4, gap_s=0.0) == want
+    assert tune_count(step, max_threads=4, gap_s=0.0) == want
     assert torch.get_num_threads() == before
 
 
-def test_a_span_runs_one_row_steps_with_its_decode_threads_and_others_with_all(monkeypatch):
+def test_a_span_runs_small_steps_with_their_thread_counts_and_big_ones_with_all():
     from llmswarm.models.config import ModelConfig
     from llmswarm.models.span import Span
     from torch import nn
@@ -49,13 +49,14 @@ def test_a_span_runs_one_row_steps_with_its_decode_threads_and_others_with_all(m
     cfg = ModelConfig(family="llama", model_type="llama", num_blocks=1, hidden_size=8, num_heads=2,
                       num_kv_heads=2, head_dim=4, intermediate_size=16, vocab_size=16, norm_eps=1e-5,
                       tie_word_embeddings=True, max_position_embeddings=64)
-    span = Span(cfg, 0, 1, nn.ModuleList([Probe()]), torch.float32, "cpu", decode_threads=1)
-    cache = span.new_cache(8)
+    span = Span(cfg, 0, 1, nn.ModuleList([Probe()]), torch.float32, "cpu", step_threads=StepThreads(1, 3))
+    cache = span.new_cache(64)
     total = torch.get_num_threads()
-    span.forward(torch.zeros(1, 3, 8), cache, 0)
-    span.forward(torch.zeros(1, 1, 8), cache, 3)
-    assert seen == [total, 1] and torch.get_num_threads() == total
-    assert span.sub(0, 1).decode_threads == 1
+    span.forward(torch.zeros(1, FEW_ROWS + 1, 8), cache, 0)
+    span.forward(torch.zeros(1, 1, 8), cache, FEW_ROWS + 1)
+    span.forward(torch.zeros(1, 4, 8), cache, FEW_ROWS + 2)
+    assert seen == [total, 1, 3] and torch.get_num_threads() == total
+    assert span.sub(0, 1).step_threads == StepThreads(1, 3)
 
 
 def test_tuning_a_real_span_picks_a_count_and_keeps_outputs(tiny_llama):
@@ -67,7 +68,8 @@ def test_tuning_a_real_span_picks_a_count_and_keeps_outputs(tiny_llama):
     x = torch.randn(1, 1, span.cfg.hidden_size)
     before = span.forward(x, cache, 0)
     started = time.perf_counter()
-    n = span.tune_decode_threads()
-    assert n in candidates(torch.get_num_threads()) and time.perf_counter() - started < 30
+    chosen = span.tune_threads()
+    assert {chosen.one_row, chosen.few_rows} <= set(candidates(torch.get_num_threads()))
+    assert span.step_threads == chosen and time.perf_counter() - started < 30
     cache = span.new_cache(4)
     torch.testing.assert_close(span.forward(x, cache, 0), before)

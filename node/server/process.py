@@ -149,8 +149,8 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                 getattr(events, "planned", lambda _: None)(placement)
             span = await in_passing_thread(
                 lambda: load_span(ckpt, start, end, dtype, opts.device, events.progress, quant=opts.quant))
-            events.progress("timing decode threads", 0, None)
-            span.tune_decode_threads()  # on the loop thread, where steps will run
+            events.progress("timing threads for small steps", 0, None)
+            threads = span.tune_threads()  # on the loop thread, where steps will run
             events.progress("measuring throughput", 0, None)
             speed = measure_throughput(span)  # on the thread that will serve steps, or it under-reports 2x
             server = SpanServer(spec.name, span, opts.max_sessions, opts.cache_tokens, host=host,
@@ -175,7 +175,7 @@ async def serve(opts: ServeOptions, events: ServeEvents) -> None:
                                        make_record)
                 events.ready({"peer_id": host.peer_id, "addrs": host.addrs, "model": spec.name, "start": start,
                               "end": end, "dtype": str(dtype).removeprefix("torch."), "quant": span.quant,
-                              "device": str(span.device), "decode_threads": span.decode_threads,
+                              "device": str(span.device), "step_threads": threads and vars(threads),
                               "seconds_to_announce": round(time.monotonic() - joined_at, 3),
                               "inference_rps": round(speed.inference_rps, 2), "reachability": host.nat.reachability,
                               "direct_port": host.dataplane.port if host.dataplane else None,
@@ -329,7 +329,7 @@ async def _rebalance_forever(host: Host, directory: Directory, state: _State, ck
         events.progress(f"moving to blocks {target}:{end}", 0, None)
         new = await in_passing_thread(functools.partial(load_span, ckpt, target, end, dtype, opts.device,
                                                         events.progress, quant=opts.quant))
-        new.decode_threads = span.decode_threads  # the same machine and the same span length
+        new.step_threads = span.step_threads  # the same machine and the same span length
         state.speed = measure_throughput(new)
         old = (span.start, span.end)
         server.span = new
