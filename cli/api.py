@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from llmswarm.node import config
 
 from . import output
@@ -36,15 +37,23 @@ def api(
     batch_heads: bool = typer.Option(True, "--batch-heads/--no-batch-heads",
                                      help="Run the LM heads of concurrent requests as one call per round "
                                           "(off: each request's alone, as `chat` does; for comparison)."),
+    draft: str = typer.Option(None, "--draft",
+                              help="Speculative decoding, as `chat --draft`: a small model with the same tokenizer, "
+                                   "run here; each request gets its own draft cache."),
+    draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, "--draft-tokens", min=1, max=MAX_DRAFT_TOKENS,
+                                     help="Most draft tokens per step (fewer while they are refused)."),
+    draft_dtype: str = typer.Option("auto", "--draft-dtype",
+                                    help="auto (the model's) | float32 | bfloat16 | float16 for the draft model."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a live
     swarm page (/) until Ctrl-C. Prints the URL on its first line."""
-    from llmswarm.node.api.serve import ApiOptions, load_model, run_api
+    from llmswarm.node.api.serve import ApiOptions, load_draft, load_model, run_api
     from llmswarm.node.api.sessions import BackendOptions
 
     backend = BackendOptions(max_length=max_length, max_concurrent=max_concurrent, solver=solver, prefer=prefer,
                              step_timeout=step_timeout, relay=relay, exact_weights=exact_weights,
-                             batch_heads=batch_heads)
+                             batch_heads=batch_heads, draft=draft, draft_tokens=draft_tokens,
+                             draft_dtype=draft_dtype)
     opts = ApiOptions(model=model, peers=split_peers(peers), host=host, port=port, api_key=api_key or None,
                       dtype=dtype, device=check_device(device), identity=identity, backend=backend)
 
@@ -54,4 +63,5 @@ def api(
 
     with output.progress() as report:
         client = load_model(opts, report)
-    run_api(opts, client, ready)
+        drafter = load_draft(opts, client, report)
+    run_api(opts, client, ready, drafter)

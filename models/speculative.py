@@ -21,6 +21,7 @@ forward may do differently from K+1 one-token forwards).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 from .checkpoint import Progress, _noop
 from .errors import ModelError
 from .generate import GenerationResult, Sampler, Sampling, Steps
-from .local import ClientModel, load_client_model, load_local_chain
+from .local import ClientModel, LocalChain, load_client_model, load_local_chain
 from .registry import DEFAULT_DRAFT_TOKENS, DRAFT_PROBE_EVERY, MAX_DRAFT_TOKENS, resolve
 from .threads import StepThreads, threads
 
@@ -148,6 +149,18 @@ class Drafter:
         self._device = next(parts.parameters()).device
         self._proposed: list[int] | None = None  # context + drafts of the proposal being checked (greedy)
         self._ahead: tuple[list[int], list[int]] | None = None  # (the context guessed, drafts following it)
+
+    def fork(self, max_length: int) -> Drafter:
+        """A drafter for another generation: the same weights, its own cache of `max_length` tokens
+        (plus room for a proposal), and the K policy learned so far (the link and the draft are the
+        same). An API serves each request with one (its requests decode at once)."""
+        if not isinstance(self.blocks, LocalChain):
+            raise TypeError("only a drafter over a LocalChain can be forked")
+        blocks = LocalChain(self.blocks.spans, max_length + self.k_max + 1)
+        twin = Drafter(self.name, self.parts, blocks, self.vocab_size, self.k_max, self.step_threads)
+        twin.policy = copy.deepcopy(self.policy)
+        twin.token_s = self.token_s
+        return twin
 
     def _logits(self, ids: list[int], position: int) -> torch.Tensor:
         with threads(self.step_threads.for_rows(len(ids)) if self.step_threads else None):

@@ -113,6 +113,28 @@ def test_concurrent_requests_share_head_calls_and_keep_their_answers(swarm3, loc
     assert after["head_rows"] - before["head_rows"] > after["head_batches"] - before["head_batches"], (before, after)
 
 
+def test_a_draft_model_checks_several_tokens_per_step_and_changes_no_answer(swarm3, local):
+    """`api --draft` (the target itself as its draft: every draft stands): two requests at once, each
+    with its own draft cache, answer what `chat --local` answers, in fewer swarm steps than tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    url = swarm3.start_api("--max-concurrent", "2", "--draft", MODEL, "--draft-tokens", "4")
+    try:
+        clients = [OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120) for _ in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda c: ask(c).choices[0].message.content, clients))
+        stats = httpx.get(url + "/v1/swarm", timeout=60).json()["api"]["draft"]
+    finally:
+        api = swarm3.clients.pop()
+        api.terminate()
+        api.wait(timeout=10)
+    assert answers == [local["text"]] * 2
+    assert stats["model"] == MODEL and stats["drafted"] >= 2 * (local["new_tokens"] // 2)
+    assert stats["accepted"] == stats["drafted"] and stats["acceptance_rate"] == 1.0
+
+
 def test_stop_string_ends_the_answer_before_it(client, local):
     res = ask(client, stop=["Paris"])
     assert res.choices[0].message.content == local["text"].split("Paris")[0]

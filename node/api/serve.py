@@ -18,6 +18,7 @@ from llmswarm.models.checkpoint import Progress, _noop
 from llmswarm.models.local import ClientModel, load_client_model
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import parse_dtype
+from llmswarm.models.speculative import Drafter, load_drafter
 from llmswarm.node import config
 from llmswarm.node.api.app import build_app
 from llmswarm.node.api.sessions import BackendOptions, SwarmBackend
@@ -65,7 +66,17 @@ def load_model(opts: ApiOptions, progress: Progress = _noop) -> ClientModel:
     return load_client_model(spec, parse_dtype(opts.dtype, opts.device), opts.device, progress)
 
 
-def run_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None] = lambda _: None) -> None:
+def load_draft(opts: ApiOptions, model: ClientModel, progress: Progress = _noop) -> Drafter | None:
+    """The draft model's weights (`--draft`), shared by every request; None without one."""
+    b = opts.backend
+    if not b.draft:
+        return None
+    dtype = parse_dtype(b.draft_dtype, opts.device) if b.draft_dtype not in (None, "auto") else None
+    return load_drafter(b.draft, model, 1, b.draft_tokens, progress, dtype)  # requests fork it, each with its cache
+
+
+def run_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None] = lambda _: None,
+            drafter: Drafter | None = None) -> None:
     """Serve until SIGINT or SIGTERM; `ready(url)` once the port is bound (the swarm asked once).
     On a signal, requests in flight get API_SHUTDOWN_GRACE_S to finish; then their sessions close."""
 
@@ -73,7 +84,7 @@ def run_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None] =
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_until_signal, shutdown)
-            await serve_api(opts, model, ready, shutdown)
+            await serve_api(opts, model, ready, shutdown, drafter)
             nursery.cancel_scope.cancel()
 
     # Every request's generation loop holds `torch.inference_mode()` open across its yields
@@ -92,7 +103,7 @@ async def _until_signal(shutdown: trio.Event) -> None:
 
 
 async def serve_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None],
-                    shutdown: trio.Event | None = None) -> None:
+                    shutdown: trio.Event | None = None, drafter: Drafter | None = None) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -107,7 +118,7 @@ async def serve_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str],
             trio.open_nursery() as nursery:
         watch = SwarmWatch(model)
         nursery.start_soon(watch.run, host, directory)
-        backend = SwarmBackend(host, directory, model, opts.backend, watch.rtts)
+        backend = SwarmBackend(host, directory, model, opts.backend, watch.rtts, drafter)
         nursery.start_soon(backend.batcher.serve)
         app = build_app(backend, lambda: {**watch.snapshot, "api": backend.stats()}, opts.api_key)
         trigger = shutdown.wait if shutdown is not None else None

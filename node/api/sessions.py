@@ -11,7 +11,7 @@ Requests run concurrently on one trio loop; their LM heads run as one batched ca
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +22,8 @@ from llmswarm.models.chat import ChatTurn, Conversation
 from llmswarm.models.errors import LengthError
 from llmswarm.models.generate import GenerationResult, Sampler, Sampling
 from llmswarm.models.local import ClientModel
+from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS
+from llmswarm.models.speculative import Drafter
 from llmswarm.node import config
 from llmswarm.node.api.protocol import ApiError, CompletionRequest, StopText, Usage
 from llmswarm.node.client.batcher import HeadBatcher
@@ -46,6 +48,9 @@ class BackendOptions:
     relay: bool = True
     exact_weights: bool = False
     batch_heads: bool = True  # the heads of concurrent requests as one call per round (node/client/batcher.py)
+    draft: str | None = None  # speculative decoding: the draft model (every request gets its own cache)
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    draft_dtype: str | None = None  # None or "auto": the model's dtype
 
 
 @dataclass
@@ -69,12 +74,16 @@ class PromptConversation(Conversation):
 
 class SwarmBackend:
     def __init__(self, host: Host, directory: Directory, model: ClientModel, opts: BackendOptions,
-                 rtts: Callable[[], dict[str, float]] = dict) -> None:
+                 rtts: Callable[[], dict[str, float]] = dict, drafter: Drafter | None = None) -> None:
         """`rtts()`: round trips to servers measured lately (for all requests, by serve.py's SwarmWatch):
         a request pings only the servers missing there, instead of every server of the model, which
         under load (16 requests starting at once, on busy servers) ran past the ping timeout."""
         self.host, self.directory, self.model, self.opts = host, directory, model, opts
         self.rtts = rtts
+        # with a draft, each request forks it (its own cache) and runs its head itself: a step checks
+        # K + 1 positions, which the one-row head batching does not cover
+        self.drafter = drafter
+        self.drafted = self.accepted = 0
         self.active = 0  # requests holding a slot
         self.batcher = HeadBatcher(model.parts, enabled=opts.batch_heads)  # `serve` runs in serve.py's nursery
         self._head_applied = replace(model, parts=HeadApplied(model.parts))  # generations get logits
@@ -83,7 +92,11 @@ class SwarmBackend:
 
     def stats(self) -> dict[str, Any]:
         """Requests in flight and how their heads batched (`GET /v1/swarm`'s "api")."""
-        return {"requests": self.active, **self.batcher.stats.as_dict()}
+        stats = {"requests": self.active, **self.batcher.stats.as_dict()}
+        if self.drafter is not None:
+            stats["draft"] = {"model": self.drafter.name, "drafted": self.drafted, "accepted": self.accepted,
+                              "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0}
+        return stats
 
     @property
     def model_names(self) -> set[str]:
@@ -167,21 +180,25 @@ class SwarmBackend:
         pieces: list[str] = []
         sampler = Sampler(Sampling(req.temperature, req.top_p, req.seed))
         conv = PromptConversation(self.model.tokenizer, ids)
+        drafter = self.drafter.fork(length) if self.drafter is not None else None
         try:
-            turn = ChatTurn(self._head_applied, conv, "", req.max_tokens, sampler, pieces.append,
-                            max_length=length)
+            turn = ChatTurn(self._head_applied if drafter is None else self.model, conv, "", req.max_tokens,
+                            sampler, pieces.append, max_length=length, drafter=drafter)
         except LengthError as e:
             raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
         steps, shown = turn.steps, []
         result: GenerationResult | None = None
         generated = 0
         hidden, position = next(steps)
-        with self.batcher.generation() as owner:
+        with self.batcher.generation() if drafter is None else nullcontext() as owner:
             while result is None and not stop.stopped:
-                out = await step(hidden, position)
-                logits = await self.batcher.head(owner, out)  # in one call with this round's other requests
+                if drafter is None:
+                    out = await step(hidden, position)
+                    out = await self.batcher.head(owner, out)  # in one call with this round's other requests
+                else:  # the generation runs the head on every checked position; drafts ahead meanwhile
+                    out = await step(hidden, position, drafter.work_ahead)  # type: ignore[call-arg]
                 try:
-                    hidden, position = steps.send(logits)
+                    hidden, position = steps.send(out)
                 except StopIteration as done:
                     result = done.value
                 generated += len(pieces)  # one piece (maybe empty) per generated token
@@ -193,5 +210,8 @@ class SwarmBackend:
                     shown.append(text)
                     await emit(text)
         steps.close()
+        if result is not None:
+            self.drafted += result.drafted
+            self.accepted += result.accepted
         finish = "stop" if stop.stopped or (result is not None and result.stopped) else "length"
         return Answer("".join(shown), finish, Usage(len(ids), generated))
