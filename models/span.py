@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .device import resolve_dtype
 from .errors import CheckpointError
 from .families import family_of
+from .head_layout import transpose_head
 from .kv_cache import KVCache
 from .paged_cache import PagedSequence, PagePool
 from .threads import FEW_ROWS_PROBE, StepThreads, threads, tune_step_threads
@@ -186,7 +187,7 @@ def load_client(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu", progr
             raise CheckpointError(f"{ckpt.folder} has no lm_head.weight and its embeddings are not tied")
         state[head_key] = state[tied_to]
     _assign(parts, state, "embeddings and head")
-    return parts.eval()
+    return transpose_head(parts).eval()
 
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
