@@ -16,7 +16,7 @@ times longer. Bigger steps (prefill) keep every thread: they are compute-bound.
 from __future__ import annotations
 
 import contextlib
-import statistics
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,29 +63,32 @@ def tune_step_threads(step: Callable[[int], None], max_threads: int | None = Non
                        tune_count(lambda: step(FEW_ROWS_PROBE), max_threads, gap_s))
 
 
-def tune_count(step: Callable[[], None], max_threads: int | None = None,
-                        gap_s: float = IDLE_GAP_S) -> int:
-    """The thread count for `step`: timed after an idle gap with each candidate count; the fewest
-    threads within TOLERANCE of the fastest win."""
+def tune_count(step: Callable[[], None], max_threads: int | None = None, gap_s: float = IDLE_GAP_S) -> int:
+    """The thread count for `step`: timed after an idle gap with each candidate count, the counts
+    taking turns (co-located servers tune at the same moment: a burst of their work falls on every
+    count alike), each count's best time kept (interference only adds time); the fewest threads
+    within TOLERANCE of the fastest win."""
     total = max_threads or torch.get_num_threads()
     if total <= 1:
         return 1
-    started = time.perf_counter()
-    timings: dict[int, float] = {}
-    for n in candidates(total):
+    counts = candidates(total)
+    for n in counts:
         with threads(n):
             step()  # warm-up at this count
-            times = []
-            for _ in range(TRIALS):
+    started = time.perf_counter()
+    best: dict[int, float] = {}
+    for _ in range(TRIALS):
+        for n in counts:
+            with threads(n):
                 time.sleep(gap_s)
                 t0 = time.perf_counter()
                 step()
-                times.append(time.perf_counter() - t0)
-        timings[n] = statistics.median(times)
+                elapsed = time.perf_counter() - t0
+            best[n] = min(best.get(n, math.inf), elapsed)
         if time.perf_counter() - started > BUDGET_S:
             break
-    best = min(timings.values())
-    return min(n for n, t in timings.items() if t <= best * TOLERANCE)
+    fastest = min(best.values())
+    return min(n for n, t in best.items() if t <= fastest * TOLERANCE)
 
 
 @contextlib.contextmanager
