@@ -1,9 +1,9 @@
 """The data plane: a session's hot stream moved off libp2p onto TLS over a direct TCP connection.
 
 py-libp2p's Python Noise + yamux path costs about a millisecond per message; TLS from the standard
-library over one TCP connection costs a fraction of that. Discovery, OPEN/ATTACH and everything
-else stay on libp2p; only the frames of one inference stream (client -> server, or server -> next
-server with relay) move, and they are the same frames (node/wire/).
+library over one TCP connection (driven by hand: node/wire/tls.py) costs a fraction of that.
+Discovery, OPEN/ATTACH and everything else stay on libp2p; only the frames of one inference stream
+(client -> server, or server -> next server with relay) move, and they are the same frames (node/wire/).
 
 How it is authenticated (node/wire/direct.py has the exchange): a server makes one self-signed
 certificate per process and offers, over the Noise-authenticated libp2p stream, its data-plane port,
@@ -37,33 +37,12 @@ from llmswarm.node.wire.codec import MsgType
 from llmswarm.node.wire.direct import Direct, Directed, DirectOffer
 from llmswarm.node.wire.messages import Error
 from llmswarm.node.wire.stream import FramedStream
+from llmswarm.node.wire.tls import TlsTransport
 
 if TYPE_CHECKING:
     from llmswarm.node.host import Host
 
 log = logging.getLogger(__name__)
-
-
-class TlsTransport:
-    """A trio.SSLStream with the read/write/close/reset a FramedStream uses."""
-
-    def __init__(self, tls: trio.SSLStream) -> None:
-        self.tls = tls
-        self.done = trio.Event()  # closed or reset by its owner
-
-    async def read(self, n: int) -> bytes:
-        return await self.tls.receive_some(n)
-
-    async def write(self, data: bytes) -> None:
-        await self.tls.send_all(data)
-
-    async def close(self) -> None:
-        self.done.set()
-        await self.tls.aclose()  # close_notify: the peer reads a clean EOF
-
-    async def reset(self) -> None:
-        self.done.set()
-        await self.tls.transport_stream.aclose()  # no close_notify: the peer's read fails
 
 
 def _server_context() -> tuple[ssl.SSLContext, str]:
@@ -139,10 +118,11 @@ class DataPlane:
             await trio.aclose_forcefully(tcp)
             return
         self._unbound += 1
-        transport = TlsTransport(trio.SSLStream(tcp, self.ctx, server_side=True))
+        transport = TlsTransport(tcp, self.ctx, server_side=True)
         bound = False
         try:
             with trio.move_on_after(config.DIRECT_HANDSHAKE_TIMEOUT_S):
+                await transport.handshake()
                 fs = FramedStream(transport)
                 frame = await fs.recv(timeout_s=config.DIRECT_HANDSHAKE_TIMEOUT_S, max_body=0)
                 offer = self._offers.pop(Direct.from_frame(frame).token, None)
@@ -182,12 +162,11 @@ async def dial(host: Host, stream: FramedStream, offer: DirectOffer | None) -> b
     try:
         with trio.fail_after(config.DIRECT_DIAL_TIMEOUT_S):
             tcp = await trio.open_tcp_stream(ip, offer.port)
-            tls = trio.SSLStream(tcp, _client_context())
-            await tls.do_handshake()
-            der = tls.getpeercert(binary_form=True) or b""
-            if hashlib.sha256(der).hexdigest() != offer.cert:
+            tls = TlsTransport(tcp, _client_context(), server_side=False)
+            await tls.handshake()
+            if hashlib.sha256(tls.peer_certificate()).hexdigest() != offer.cert:
                 raise PeerError("the data plane presented another certificate than the one offered")
-            fs = FramedStream(TlsTransport(tls))
+            fs = FramedStream(tls)
             await fs.send(Direct(offer.token).to_frame())
             reply = await fs.recv(timeout_s=config.DIRECT_DIAL_TIMEOUT_S, max_body=0)
             if Error.raise_if(reply).type != MsgType.DIRECTED:

@@ -14,13 +14,14 @@ import torch
 import trio
 from llmswarm.node import config, dataplane
 from llmswarm.node.client.session import open_session
-from llmswarm.node.dataplane import DataPlane, TlsTransport
+from llmswarm.node.dataplane import DataPlane
 from llmswarm.node.errors import ErrorCode, PeerError, RemoteError, WireError
 from llmswarm.node.host import quiet_libp2p_logging
 from llmswarm.node.wire.codec import PREFIX, Frame, MsgType
 from llmswarm.node.wire.direct import Direct, DirectOffer
 from llmswarm.node.wire.messages import Error, Open, Opened, Step
 from llmswarm.node.wire.stream import FramedStream
+from llmswarm.node.wire.tls import TlsTransport
 
 quiet_libp2p_logging()
 MODEL = "tiny"
@@ -108,9 +109,9 @@ def test_no_direct_client_keeps_the_whole_chain_on_libp2p(tiny_llama, host_swarm
 
 async def _tls(port: int) -> FramedStream:
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, dataplane._client_context())
-    await tls.do_handshake()
-    return FramedStream(TlsTransport(tls))
+    tls = TlsTransport(tcp, dataplane._client_context(), server_side=False)
+    await tls.handshake()
+    return FramedStream(tls)
 
 
 async def _ends(fs: FramedStream) -> None:

@@ -23,7 +23,7 @@ from llmswarm.node.wire.messages import Error
 class FramedStream:
     """Frames over one libp2p stream (or the data-plane connection it moved to). Not safe for
     concurrent send() or recv() from two tasks. `stream` is anything with read(n), write(data),
-    close() and reset(): a py-libp2p stream or node/dataplane.py's TlsTransport."""
+    close() and reset(): a py-libp2p stream or node/wire/tls.py's TlsTransport."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
