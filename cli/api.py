@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import typer
-from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from llmswarm.node import config
 
 from . import output
-from .params import check_device, split_peers
+from .params import check_device, draft_dtype_option, draft_tokens_option, split_peers
 
 
 def api(
@@ -40,10 +39,8 @@ def api(
     draft: str = typer.Option(None, "--draft",
                               help="Speculative decoding, as `chat --draft`: a small model with the same tokenizer, "
                                    "run here; each request gets its own draft cache."),
-    draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, "--draft-tokens", min=1, max=MAX_DRAFT_TOKENS,
-                                     help="Most draft tokens per step (fewer while they are refused)."),
-    draft_dtype: str = typer.Option("auto", "--draft-dtype",
-                                    help="auto (the model's) | float32 | bfloat16 | float16 for the draft model."),
+    draft_tokens: int = draft_tokens_option(),
+    draft_dtype: str = draft_dtype_option(),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a live
     swarm page (/) until Ctrl-C. Prints the URL on its first line."""

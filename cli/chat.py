@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import typer
-from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from llmswarm.node import config
 
 from . import output
-from .params import check_device, split_peers
+from .params import check_device, draft_dtype_option, draft_tokens_option, split_peers
 
 
 def chat(
@@ -50,11 +49,8 @@ def chat(
     draft: str = typer.Option(None, "--draft",
                               help="Speculative decoding: a small model with the same tokenizer (name or folder), "
                                    "run here, proposes tokens that one step through the swarm checks."),
-    draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, "--draft-tokens", min=1, max=MAX_DRAFT_TOKENS,
-                                     help="Most draft tokens per step (fewer while they are refused)."),
-    draft_dtype: str = typer.Option("auto", "--draft-dtype",
-                                    help="auto (the model's) | float32 | bfloat16 | float16 for the draft model: "
-                                         "a faster draft; only how many drafts stand depends on it."),
+    draft_tokens: int = draft_tokens_option(),
+    draft_dtype: str = draft_dtype_option(),
     verify_rate: str = typer.Option(None, "--verify-rate", "--verify", metavar="RATE|all|off",
                                     help=f"Check the servers' outputs on another chain every 1/RATE steps, each "
                                          f"check covering every step since the last (default "

@@ -1,8 +1,12 @@
-"""Parsing shared by several commands: peer lists, devices, block ranges (usage errors exit 2)."""
+"""Parsing shared by several commands: peer lists, devices, block ranges, the draft model's options
+(usage errors exit 2)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 
 
 def split_peers(peers: list[str]) -> list[str]:
@@ -27,3 +31,16 @@ def parse_blocks(blocks: str | None) -> tuple[int, int] | None:
     if not 0 <= a < b:
         raise typer.BadParameter(f"{blocks!r}: need 0 <= START < END", param_hint="--blocks")
     return a, b
+
+
+def draft_tokens_option() -> Any:
+    """`--draft-tokens`, as `chat` and `api` take it."""
+    return typer.Option(DEFAULT_DRAFT_TOKENS, "--draft-tokens", min=1, max=MAX_DRAFT_TOKENS,
+                        help="Most draft tokens per step (fewer while they are refused).")
+
+
+def draft_dtype_option() -> Any:
+    """`--draft-dtype`, as `chat` and `api` take it."""
+    return typer.Option("auto", "--draft-dtype",
+                        help="auto (the model's) | float32 | bfloat16 | float16 for the draft model: a faster "
+                             "draft; only how many drafts stand depends on it.")
