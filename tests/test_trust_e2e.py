@@ -2,7 +2,9 @@
 `join`) and that announces an impossible speed, so the route solver picks it, is caught by the output
 checks, banned and distrusted, and the answer equals `chat --local`; a server that only boasts is
 demoted once measured (`route --json` says why); with the liar distrusted, a chat checked at every
-step is token-identical to local. The tests run in order on one swarm and one reputation file."""
+step is token-identical to local. One test in three stages on one swarm and one reputation file:
+each stage builds on what the one before left in that file (as separate tests, xdist could run them
+apart, each with fresh fixtures)."""
 
 from __future__ import annotations
 
@@ -59,10 +61,11 @@ def peer(swarm: LocalSwarm, i: int) -> str:
     return swarm.ready[i]["peer_id"]
 
 
-def test_corrupting_fastest_server_is_caught_and_the_answer_equals_local(liar_swarm, env, reference):
+def test_a_liar_is_caught_a_boaster_demoted_and_a_checked_chat_leaves_the_liar_out(liar_swarm, env, reference):
+    # 1. the liar's boast makes it the solver's choice; the default checks catch it, the answer is local's
     result, err = chat(liar_swarm, env)
     route = next(line for line in err.splitlines() if line.startswith("route:"))
-    assert "server1 [10:20)" in route, err  # the boast made it the solver's choice
+    assert "server1 [10:20)" in route, err
     warnings = [line for line in err.splitlines() if "returned wrong outputs" in line]
     assert len(warnings) == 1 and "server1" in warnings[0], err  # one line, naming the liar
     caught = int(re.search(r"caught at step (\d+)", warnings[0]).group(1))
@@ -75,22 +78,20 @@ def test_corrupting_fastest_server_is_caught_and_the_answer_equals_local(liar_sw
     assert trust[peer(liar_swarm, 1)]["failed"] == 1
     assert trust[peer(liar_swarm, 2)]["failed"] == 0 and trust[peer(liar_swarm, 2)]["passed"] >= 1
 
-
-def test_boasting_server_is_demoted_after_its_first_measured_steps(liar_swarm, env):
+    # 2. the server that only boasted served that chat's [0:10): measured, it is demoted; the liar excluded
     res = subprocess.run(llmswarm_command("route", "--model", "smollm2-135m", "--peers", *liar_swarm.peers,
                                           "--solver", "exact", "--json"),
                          capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout)
     boaster = peer(liar_swarm, 4)
-    assert boaster in record["demoted"], record  # it served the first chat's [0:10)
+    assert boaster in record["demoted"], record
     assert "announces 5e+04 steps/s per block, measured" in record["demoted"][boaster]
     assert record["measured"][boaster]["observed_rps"] < float(BOAST_RPS) / 10
     assert record["excluded"][peer(liar_swarm, 1)].startswith("distrusted"), record
     assert all(h["peer_id"] != peer(liar_swarm, 1) for h in record["chosen"]["chain"])
 
-
-def test_checked_at_every_step_through_honest_servers_is_token_identical(liar_swarm, env, reference):
+    # 3. checked at every step, through the honest servers only: no alarm, the answer is local's
     result, err = chat(liar_swarm, env, "--verify", "all")
     route = next(line for line in err.splitlines() if line.startswith("route:"))
     assert "server1" not in route, err  # distrusted: left out of the route from the reputation file
