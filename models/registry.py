@@ -14,7 +14,11 @@ from .errors import UnknownModelError
 BUILTIN_MODEL = "smollm2-135m"
 
 # Speculative decoding (models/speculative.py)
-DEFAULT_DRAFT_TOKENS = 6  # the most draft tokens per step (`--draft-tokens`); fewer when they are refused
+# the most draft tokens per step (`--draft-tokens`); AdaptiveK drafts fewer where the link is fast or
+# drafts are refused. 15: a check is then at most 16 rows, the step size servers time a thread count
+# for (models/threads.py); at 25 ms per link with draft = target, K <= 6: 2.49x plain, 10: 2.73x,
+# 15: 2.86x, 20: 2.50x (its 21-row checks took every thread beside the drafting client)
+DEFAULT_DRAFT_TOKENS = 15
 MAX_DRAFT_TOKENS = 32
 REWIND_SLACK_PAGES = 2  # KV pages a rewinding session keeps past its new end (refused drafts: it grows back)
 DRAFT_PROBE_EVERY = 16  # steps without drafting (they kept being refused) before one step tries a draft again
