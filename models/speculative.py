@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Progress, _noop
+from .device import resolve_dtype
 from .errors import ModelError
 from .generate import GenerationResult, Sampler, Sampling, Steps
 from .local import ClientModel, LocalChain, load_client_model, load_local_chain
@@ -319,6 +320,11 @@ def draft_stats(result: GenerationResult, drafter: Drafter) -> dict[str, Any]:
         "steps": result.steps, "tokens_per_step": round(given / result.steps, 3) if result.steps else 0.0,
         "draft_tokens_max": drafter.k_max, "proposals_drafted_ahead": drafter.ahead_hits,
     }
+
+
+def draft_dtype(name: str | None, device: str) -> torch.dtype | None:
+    """`--draft-dtype`: None for "auto" (the target's dtype), else that dtype."""
+    return None if name in (None, "auto") else resolve_dtype(name, device)
 
 
 def load_drafter(name: str, target: ClientModel, max_length: int, k_max: int = DEFAULT_DRAFT_TOKENS,

@@ -18,7 +18,7 @@ from llmswarm.models.checkpoint import Progress, _noop
 from llmswarm.models.local import ClientModel, load_client_model
 from llmswarm.models.registry import resolve
 from llmswarm.models.span import parse_dtype
-from llmswarm.models.speculative import Drafter, load_drafter
+from llmswarm.models.speculative import Drafter, draft_dtype, load_drafter
 from llmswarm.node import config
 from llmswarm.node.api.app import build_app
 from llmswarm.node.api.sessions import BackendOptions, SwarmBackend
@@ -71,8 +71,8 @@ def load_draft(opts: ApiOptions, model: ClientModel, progress: Progress = _noop)
     b = opts.backend
     if not b.draft:
         return None
-    dtype = parse_dtype(b.draft_dtype, opts.device) if b.draft_dtype not in (None, "auto") else None
-    return load_drafter(b.draft, model, 1, b.draft_tokens, progress, dtype)  # requests fork it, each with its cache
+    # requests fork it, each with its own cache: this one needs none
+    return load_drafter(b.draft, model, 1, b.draft_tokens, progress, draft_dtype(b.draft_dtype, opts.device))
 
 
 def run_api(opts: ApiOptions, model: ClientModel, ready: Callable[[str], None] = lambda _: None,

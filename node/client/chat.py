@@ -23,7 +23,7 @@ from llmswarm.models.generate import GenerationResult, Sampler, Sampling, Steps
 from llmswarm.models.local import ClientModel, LocalChain, load_client_model
 from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, resolve
 from llmswarm.models.span import load_span, parse_dtype
-from llmswarm.models.speculative import Drafter, load_drafter
+from llmswarm.models.speculative import Drafter, draft_dtype, load_drafter
 from llmswarm.node import config
 from llmswarm.node.client.checked_turn import checked_turn
 from llmswarm.node.client.observed import Observed
@@ -101,8 +101,8 @@ def run_chat(opts: ChatOptions, events: ChatEvents) -> None:
     model = load_client_model(spec, dtype, opts.device, events.progress, with_blocks=opts.local)
     drafter = None
     if opts.draft:
-        draft_dtype = parse_dtype(opts.draft_dtype, opts.device) if opts.draft_dtype not in (None, "auto") else None
-        drafter = load_drafter(opts.draft, model, opts.max_length, opts.draft_tokens, events.progress, draft_dtype)
+        drafter = load_drafter(opts.draft, model, opts.max_length, opts.draft_tokens, events.progress,
+                               draft_dtype(opts.draft_dtype, opts.device))
     if opts.local:
         span = load_span(model.ckpt, 0, model.cfg.num_blocks, dtype, opts.device, events.progress)
         chain = LocalChain([span], opts.max_length)

@@ -28,6 +28,7 @@ from llmswarm.models.span import Span
 from llmswarm.node import config
 from llmswarm.node.errors import ErrorCode, PeerClosed, PeerError, RemoteError, WireError
 from llmswarm.node.host import Host
+from llmswarm.node.locks import QuickLock
 from llmswarm.node.server import relay
 from llmswarm.node.server.scheduler import Job, Scheduler
 from llmswarm.node.wire.codec import DTYPES, Frame, MsgType
@@ -36,25 +37,6 @@ from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Ste
 from llmswarm.node.wire.stream import FramedStream
 
 NextHopLookup = Callable[[str, int], Awaitable[list[str] | None]]
-
-
-class QuickLock:
-    """A trio.Lock whose uncontended acquire is not a checkpoint: each checkpoint is a trip through
-    trio's run loop, and a step takes two of these locks on its hot path."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self) -> None:
-        self.lock = trio.Lock()
-
-    async def __aenter__(self) -> None:
-        try:
-            self.lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self.lock.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.lock.release()
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ssl
 
 import trio
+from llmswarm.node.locks import QuickLock
 
 READ_BYTES = 65536
 
@@ -28,7 +29,7 @@ class TlsTransport:
         self.tcp = tcp
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
-        self._send_lock = trio.Lock()
+        self._send_lock = QuickLock()
         self.done = trio.Event()  # closed or reset by its owner
 
     def peer_certificate(self) -> bytes:
@@ -48,16 +49,9 @@ class TlsTransport:
             return
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._send_lock.locked():
-            await self._send_lock.acquire()
-        else:
-            self._send_lock.acquire_nowait()  # the usual case: no checkpoint, no trip through the run loop
-        try:
+        async with self._send_lock:
             self._ssl.write(data)
-            out = self._outgoing.read()
-            await self.tcp.send_all(out)
-        finally:
-            self._send_lock.release()
+            await self.tcp.send_all(self._outgoing.read())
 
     async def read(self, n: int) -> bytes:
         """Up to `n` bytes of plaintext; b"" at a clean close (close_notify) or at EOF."""
