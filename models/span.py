@@ -14,10 +14,10 @@ from torch import nn
 
 from .checkpoint import Checkpoint, Progress, _noop
 from .config import ModelConfig
+from .cpu_layout import lay_out_blocks, transpose_head
 from .device import resolve_dtype
 from .errors import CheckpointError
 from .families import family_of
-from .head_layout import transpose_head
 from .kv_cache import KVCache
 from .paged_cache import PagedSequence, PagePool
 from .threads import FEW_ROWS_PROBE, StepThreads, threads, tune_step_threads
@@ -146,15 +146,17 @@ class Span:
 
 
 def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: str = "cpu",
-              progress: Progress = _noop, quant: str = "none") -> Span:
+              progress: Progress = _noop, quant: str = "none", layout: bool = True) -> Span:
     """Blocks [start, end) on `device`; with `quant` int8/nf4 their linear layers are quantised
-    (loaded on CPU, then quantised one layer at a time on the way to `device`: models/quant.py)."""
+    (loaded on CPU, then quantised one layer at a time on the way to `device`: models/quant.py).
+    CPU float32 blocks are stored in the CPU's fastest layout (models/cpu_layout.py) unless `layout`
+    is False (the checkpoint's nn.Linear layers, as quantisation wants them)."""
     cfg = ckpt.config
     if quant != "none":
         from .quant import check_quant, quantize_blocks
 
         check_quant(quant, device)
-        span = load_span(ckpt, start, end, dtype, "cpu", progress)
+        span = load_span(ckpt, start, end, dtype, "cpu", progress, layout=False)
         progress(f"quantising blocks {start}:{end} to {quant}", 0, None)
         blocks = quantize_blocks(span.blocks, quant, device, dtype)
         return Span(cfg, start, end, blocks, dtype, device, quant=quant)
@@ -169,7 +171,7 @@ def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device
         prefix = family.block_prefix(i)
         state.update({f"{j}.{n[len(prefix):]}": t for n, t in tensors.items() if n.startswith(prefix)})
     _assign(blocks, state, f"blocks {start}:{end}")
-    return Span(cfg, start, end, blocks.eval(), dtype, device)
+    return Span(cfg, start, end, (lay_out_blocks(blocks) if layout else blocks).eval(), dtype, device)
 
 
 def load_client(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu", progress: Progress = _noop) -> nn.Module:
