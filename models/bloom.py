@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import KVStore, StepContext, attend, causal_bool_mask
@@ -16,8 +17,9 @@ from .config import ModelConfig
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    # BLOOM's own tanh approximation; F.gelu(approximate="tanh") rounds differently.
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    # BLOOM's tanh approximation as one kernel: its own formula in seven elementwise ops took 36 us
+    # per 2048-wide row against 9 us, for a difference of one float32 rounding (2.4e-7)
+    return F.gelu(x, approximate="tanh")
 
 
 class Attention(nn.Module):
