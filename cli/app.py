@@ -93,24 +93,16 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _tune_runtime() -> None:
-    """Before torch loads. A user's own setting of either wins.
-
-    GNU OpenMP's threads spin for ~300k iterations (milliseconds) after each parallel region. Swarm
-    processes hand a step to one another on shared cores, and a spinning idle process steals the core
-    the next one computes on: measured on 2 cores, a short spin took the cost of a hop from 7.9 to
-    3.5 ms with no loss of local speed.
-
-    Transparent huge pages for torch's big allocations (weights: models/cpu_layout.py copies them
-    there; KV pools): a one-row step streams every weight once, and with 4 KB pages each span pays a
-    TLB miss per page, worse when processes take turns on a core. 6-10% per step measured
-    (SmolLM2 and BLOOM spans, one process or several). No effect where the kernel's THP is "never"."""
+def _tune_threads() -> None:
+    """Before torch loads: GNU OpenMP's threads spin for ~300k iterations (milliseconds) after each
+    parallel region. Swarm processes hand a step to one another on shared cores, and a spinning idle
+    process steals the core the next one computes on: measured on 2 cores, a short spin took the
+    cost of a hop from 7.9 to 3.5 ms with no loss of local speed. A user's own setting wins."""
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def main() -> None:
-    _tune_runtime()
+    _tune_threads()
     _register()
     try:
         code = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it

@@ -16,11 +16,6 @@ steps of 8-64 rows unchanged. Every CPU float32 span goes through `lay_out_block
 a swarm and `chat --local` compute the same thing the same way (token-identical). GPUs, other dtypes
 and quantised spans keep the checkpoint's layout (not measured faster there).
 
-Huge pages: every weight is copied once here, so it lives in memory from torch's allocator, which
-`THP_MEM_ALLOC_ENABLE=1` (set by the CLI, cli/app.py) backs with transparent huge pages: fewer TLB
-misses per step. Measured with spans computed in turn by 2-3 processes (a local swarm): SmolLM2 10
-blocks 12.75 -> 11.87 ms, BLOOM-27M 4 blocks 4.04 -> 3.64 ms; in one process 6-8% too.
-
 The head: when the embeddings are tied to it (SmolLM2, BLOOM), they become a [vocab, hidden] view of
 the transposed storage: no second copy, and a lookup gathers one strided column per token.
 
@@ -60,8 +55,7 @@ def _fastest(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     if out_features > in_features:
         return TransposedLinear(weight.t().contiguous(), bias)
     linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    # a copy even when contiguous: memory from torch's allocator, which huge pages can back (cli/app.py)
-    linear.weight = nn.Parameter(weight.clone(memory_format=torch.contiguous_format), requires_grad=False)
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=False)
     return linear
@@ -82,9 +76,8 @@ def _fuse(module: nn.Module) -> None:
 
 
 def lay_out_blocks(blocks: nn.Module) -> nn.Module:
-    """Fuse the siblings each module declares FUSABLE and store every widening nn.Linear transposed
-    (every linear weight is copied once, into memory of torch's own allocator). CPU float32 blocks
-    only (anything else is returned as it is). In place; returned."""
+    """Fuse the siblings each module declares FUSABLE and store every widening nn.Linear transposed.
+    CPU float32 blocks only (anything else is returned as it is). In place; returned."""
     params = list(blocks.parameters())
     if not params or params[0].device.type != "cpu" or params[0].dtype != torch.float32:
         return blocks
@@ -92,7 +85,7 @@ def lay_out_blocks(blocks: nn.Module) -> nn.Module:
         _fuse(module)
     for module in list(blocks.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and child.weight.shape[0] > child.weight.shape[1]:
                 bias = None if child.bias is None else child.bias.detach()
                 setattr(module, name, _fastest(child.weight.detach(), bias))
     return blocks
