@@ -8,7 +8,9 @@ over the smallest N, time to first token (p50, p90) and inter-token latency (gap
 text chunks, p50, p90). For the API's own cost, one `chat` through the same swarm gives the decode
 tokens/s of the same chain without HTTP: `api_overhead_ms_per_token` = 1/api - 1/chat at N=1. Per N
 also the API's mean head batch (node/client/batcher.py) and its CPU time per token; `compare` runs
-each N on a second API process without head batching too, in turn.
+each N on a second API process without head batching too, in turn, and `draft` on one with `--draft`
+(speculative decoding: its tokens/s against the plain process's at the same N, and how many drafts
+stood).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmswarm.bench.local_swarm import LocalSwarm, even_spans, llmswarm_command, model_arg
-from llmswarm.models.registry import resolve
+from llmswarm.models.registry import DEFAULT_DRAFT_TOKENS, resolve
 
 PROMPT = "Once upon a time"  # a base-model continuation: long answers, rarely an early stop token
 CHAT_PROMPT = "Tell me a long story about a dragon."
@@ -114,7 +116,9 @@ def _api_state(url: str, pid: int) -> dict[str, float]:
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     except (OSError, ValueError, IndexError):
         pass
-    return {"rows": api.get("head_rows", 0), "batches": api.get("head_batches", 0), "cpu_s": cpu}
+    draft = api.get("draft") or {}
+    return {"rows": api.get("head_rows", 0), "batches": api.get("head_batches", 0), "cpu_s": cpu,
+            "drafted": draft.get("drafted", 0), "accepted": draft.get("accepted", 0)}
 
 
 def _measured(url: str, pid: int, model: str, n: int, tokens: int) -> dict[str, Any]:
@@ -126,15 +130,20 @@ def _measured(url: str, pid: int, model: str, n: int, tokens: int) -> dict[str, 
     batches = after["batches"] - before["batches"]
     row["mean_head_batch"] = round((after["rows"] - before["rows"]) / batches, 2) if batches else 0.0
     row["api_cpu_ms_per_token"] = round((after["cpu_s"] - before["cpu_s"]) * 1000 / max(1, row["tokens"]), 2)
+    drafted = after["drafted"] - before["drafted"]
+    if drafted:
+        row["acceptance_rate"] = round((after["accepted"] - before["accepted"]) / drafted, 4)
     return row
 
 
 def bench_api(model: str = "smollm2-135m", servers: int = 3, concurrency: Sequence[int] = (1, 4, 16),
-              tokens: int = 32, compare: bool = False,
+              tokens: int = 32, compare: bool = False, draft: str | None = None,
+              draft_tokens: int = DEFAULT_DRAFT_TOKENS,
               progress: Callable[[str, float, float | None], None] = lambda *a: None) -> dict:
     """`compare`: a second API process on the same swarm with `--no-batch-heads` (each request's head
     alone, as before HeadBatcher), each N run on both in turn: the in-run ratio is the figure that
-    holds on a loaded machine."""
+    holds on a loaded machine. `draft`: likewise an API process with `--draft` (speculative decoding),
+    its rows compared with the plain one's at the same N (`vs_plain`)."""
     import trio
 
     spec = resolve(model)
@@ -145,6 +154,9 @@ def bench_api(model: str = "smollm2-135m", servers: int = 3, concurrency: Sequen
         apis = {"batched": swarm.start_api("--max-concurrent", str(max(concurrency)))}
         if compare:
             apis["unbatched"] = swarm.start_api("--max-concurrent", str(max(concurrency)), "--no-batch-heads")
+        if draft:
+            apis["draft"] = swarm.start_api("--max-concurrent", str(max(concurrency)), "--draft", draft,
+                                            "--draft-tokens", str(draft_tokens))
         pids = {label: p.pid for label, p in zip(apis, swarm.clients, strict=True)}
         for url in apis.values():
             trio.run(_round, url, spec.name, 1, 4)  # warm-up: route, dial, first session
@@ -160,11 +172,16 @@ def bench_api(model: str = "smollm2-135m", servers: int = 3, concurrency: Sequen
         base = mine[0]["decode_tokens_per_s"] or 1.0
         for r in mine:
             r["speedup"] = round(r["decode_tokens_per_s"] / base, 2)
-    if compare:
-        for r, u in zip(rows[::2], rows[1::2], strict=True):
-            r["vs_unbatched"] = round(r["decode_tokens_per_s"] / (u["decode_tokens_per_s"] or 1.0), 2)
+    plain = {r["concurrent"]: r for r in rows if r["api"] == "batched"}
+    for r in rows:
+        base = plain[r["concurrent"]]["decode_tokens_per_s"] or 1.0
+        if r["api"] == "unbatched":
+            plain[r["concurrent"]]["vs_unbatched"] = round(base / (r["decode_tokens_per_s"] or 1.0), 2)
+        elif r["api"] == "draft":
+            r["vs_plain"] = round(r["decode_tokens_per_s"] / base, 2)
     first = rows[0]
     one = first["per_request_tokens_per_s"] if first["concurrent"] == 1 else None
     overhead = round((1 / one - 1 / chat_tps) * 1000, 2) if one and chat_tps else None
     return {"model": spec.name, "servers": servers, "spans": [f"{a}:{b}" for a, b in spans], "tokens": tokens,
-            "rows": rows, "chat_tokens_per_s": round(chat_tps, 2), "api_overhead_ms_per_token": overhead}
+            "draft": draft, "draft_tokens": draft_tokens if draft else None, "rows": rows,
+            "chat_tokens_per_s": round(chat_tps, 2), "api_overhead_ms_per_token": overhead}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import output
+from . import output, params
 
 
 def bench_swarm(
@@ -181,6 +181,9 @@ def bench_api(
     new_tokens: int = typer.Option(32, "--tokens", "-t", min=2, help="max_tokens of each request."),
     compare: bool = typer.Option(False, "--compare", help="Also run each N on an API process without head "
                                                           "batching (--no-batch-heads), in turn."),
+    draft: str | None = typer.Option(None, "--draft", help="Also run each N on an API process with this draft "
+                                                           "model (`api --draft`), in turn."),
+    draft_tokens: int = params.draft_tokens_option(),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """N concurrent streaming requests through `llmswarm api` on a local swarm: aggregate tokens/s,
@@ -194,7 +197,7 @@ def bench_api(
     if not counts or min(counts) < 1:
         raise typer.BadParameter("give at least one count, each 1 or more", param_hint="--concurrent")
     with output.progress(not json_out) as report:
-        r = run(model, servers, counts, new_tokens, compare, report)
+        r = run(model, servers, counts, new_tokens, compare, draft, draft_tokens, report)
     if json_out:
         output.print_json(r)
         return
@@ -202,11 +205,15 @@ def bench_api(
 
     t = Table(title=f"{r['model']} through `llmswarm api`, {r['servers']} servers {' '.join(r['spans'])}, "
                     f"{r['tokens']} tokens per request")
-    for col in ("heads", "requests", "decode tokens/s", "speedup", "vs unbatched", "per request", "TTFT p50 ms",
+    for col in ("api", "requests", "decode tokens/s", "speedup", "vs other", "per request", "TTFT p50 ms",
                 "TTFT p90 ms", "ITL p50 ms", "ITL p90 ms", "head batch", "API CPU ms/token"):
         t.add_column(col, justify="right")
     for row in r["rows"]:
-        vs = f"{row['vs_unbatched']:.2f}x" if "vs_unbatched" in row else "-"
+        vs = "-"
+        if "vs_unbatched" in row:
+            vs = f"{row['vs_unbatched']:.2f}x unbatched"
+        elif "vs_plain" in row:
+            vs = f"{row['vs_plain']:.2f}x plain, {row.get('acceptance_rate', 0):.0%} drafts stood"
         t.add_row(row["api"], str(row["concurrent"]), f"{row['decode_tokens_per_s']:.2f}", f"{row['speedup']:.2f}x",
                   vs, f"{row['per_request_tokens_per_s']:.2f}", f"{row['ttft_p50_ms']:.0f}",
                   f"{row['ttft_p90_ms']:.0f}", f"{row['itl_p50_ms']:.1f}", f"{row['itl_p90_ms']:.1f}",

@@ -147,6 +147,7 @@ class Drafter:
         self.held: list[int] = []
         self.token_s = 0.0  # moving average of the draft's compute per token
         self.ahead_hits = 0  # proposals that started from tokens drafted while waiting
+        self.drafted = self.accepted = 0  # over every step checked so far, ended generations or not
         self._device = next(parts.parameters()).device
         self._proposed: list[int] | None = None  # context + drafts of the proposal being checked (greedy)
         self._ahead: tuple[list[int], list[int]] | None = None  # (the context guessed, drafts following it)
@@ -286,6 +287,8 @@ def speculative_steps(client: nn.Module, drafter: Drafter, prompt: list[int], po
             logits = client.head(out[:, len(pending) - 1 :].to(hidden.device, hidden.dtype))[0].float()
         given, accepted = verify(logits, drafts, dists, sampler)
         policy.observe(k, accepted, len(fed), step_s, draft_s)
+        drafter.drafted += k
+        drafter.accepted += accepted
         result.steps += 1
         result.drafted += k
         result.accepted += accepted

@@ -126,6 +126,8 @@ def test_a_draft_model_checks_several_tokens_per_step_and_changes_no_answer(swar
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda c: ask(c).choices[0].message.content, clients))
         stats = httpx.get(url + "/v1/swarm", timeout=60).json()["api"]["draft"]
+        stopped = ask(clients[0], stop=["Paris"]).choices[0].message.content
+        after = httpx.get(url + "/v1/swarm", timeout=60).json()["api"]["draft"]
     finally:
         api = swarm3.clients.pop()
         api.terminate()
@@ -133,6 +135,8 @@ def test_a_draft_model_checks_several_tokens_per_step_and_changes_no_answer(swar
     assert answers == [local["text"]] * 2
     assert stats["model"] == MODEL and stats["drafted"] >= 2 * (local["new_tokens"] // 2)
     assert stats["accepted"] == stats["drafted"] and stats["acceptance_rate"] == 1.0
+    assert stopped == local["text"].split("Paris")[0]
+    assert after["drafted"] > stats["drafted"]  # an answer a stop string ended counts its drafts too
 
 
 def test_stop_string_ends_the_answer_before_it(client, local):

@@ -210,8 +210,8 @@ class SwarmBackend:
                     shown.append(text)
                     await emit(text)
         steps.close()
-        if result is not None:
-            self.drafted += result.drafted
-            self.accepted += result.accepted
+        if drafter is not None:  # counted by the drafter: a stop string ends the loop before any result
+            self.drafted += drafter.drafted
+            self.accepted += drafter.accepted
         finish = "stop" if stop.stopped or (result is not None and result.stopped) else "length"
         return Answer("".join(shown), finish, Usage(len(ids), generated))
