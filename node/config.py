@@ -187,8 +187,8 @@ BAN_BASE_S = 15.0  # a failed server is avoided this long, doubling on each furt
 BATCH_WINDOW_S = 0.1
 BATCH_WINDOW_FRACTION = 0.5
 BATCH_READ_S_PER_STEP = 0.001  # the window is at least this per missing step (what reading one takes the loop)
-BATCH_ACTIVE_S = 1.0  # a session that stepped this recently is expected to step again soon
-BATCH_ACTIVE_ROUNDS = 2.0  # ... and so is one that stepped within twice its own last gap between steps
+BATCH_ACTIVE_S = 1.0  # a session whose pace is not known yet is expected to step again this soon
+BATCH_ACTIVE_ROUNDS = 2.0  # ... one whose pace is known, within twice its own gap between steps
 MAX_BATCH_SESSIONS = 64  # decode steps in one batch
 # The same on the client side (node/client/batcher.py): a client driving many generations (the API)
 # runs their LM heads as one call per round. When other generations are decoding and have not asked

@@ -238,6 +238,39 @@ def test_scheduler_batches_sessions_at_a_slow_steady_pace(span):
     assert waited[2:] == [0.01, 0.01]  # from the third round on, a and b wait the 10 ms for c
 
 
+def test_a_session_that_stopped_stepping_is_not_waited_for(span):
+    """A session steps every 20 ms, then its generation ends; another starting 0.2 s later has its
+    steps run at once, not held back for the window by the first one's next step, which never comes
+    (a fixed "stepped within the last second" did that for a whole second after every generation)."""
+    pool = span.new_pool(16, page_size=4)
+    seqs = {name: pool.sequence() for name in "ab"}
+    scheduler = Scheduler(window_s=0.03, window_fraction=1e6)  # a 30 ms window, whatever the compute took
+    waited: list[float] = []
+
+    async def first() -> None:
+        for position in range(5):
+            await trio.sleep_until(0.02 * (position + 1))
+            await scheduler.run(Job("a", span, seqs["a"], torch.randn(1, 1, 64), position))
+
+    async def second() -> None:
+        for position in range(3):
+            await trio.sleep_until(0.3 + 0.02 * position)
+            sent = trio.current_time()
+            await scheduler.run(Job("b", span, seqs["b"], torch.randn(1, 1, 64), position))
+            waited.append(round(trio.current_time() - sent, 4))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.serve)
+            async with trio.open_nursery() as jobs:
+                jobs.start_soon(first)
+                jobs.start_soon(second)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert waited == [0.0, 0.0, 0.0]
+
+
 def test_session_replaces_a_hung_server_and_replays_into_the_spare(span):
     """A server that stops answering is found by the step timeout (30 s, jumped over by the mock
     clock), banned, and replaced by the spare; the output equals the local span's."""

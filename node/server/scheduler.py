@@ -115,11 +115,17 @@ class Scheduler:
             await trio.lowlevel.checkpoint()  # let handlers send outputs and read the next steps
 
     def _expected(self, now: float) -> set[object]:
-        """Sessions that stepped lately: within BATCH_ACTIVE_S, or within two of their own gaps between
-        steps (on a slow or loaded swarm a round takes longer than BATCH_ACTIVE_S, and a fixed bound
-        would stop batching exactly where it pays most)."""
-        return {o for o, t in self.last_active.items()  # every open session: forget() drops closed ones
-                if now - t <= max(config.BATCH_ACTIVE_S, config.BATCH_ACTIVE_ROUNDS * self.cadence.get(o, 0.0))}
+        """Sessions that stepped lately: within two of their own gaps between steps once that pace is
+        known (on a slow or loaded swarm a round takes longer than any fixed bound, and such a bound
+        would stop batching exactly where it pays most), else within BATCH_ACTIVE_S. The pace, not a
+        fixed second: a session that has ended its generation would otherwise hold every other
+        session's steps back (each waiting up to half a batch's compute) for a whole BATCH_ACTIVE_S."""
+        out = set()
+        for o, t in self.last_active.items():  # every open session: forget() drops closed ones
+            pace = self.cadence.get(o)
+            if now - t <= (config.BATCH_ACTIVE_S if pace is None else config.BATCH_ACTIVE_ROUNDS * pace):
+                out.add(o)
+        return out
 
     async def _gather(self) -> None:
         """Wait briefly for the steps of other recently active sessions, when there are any."""
