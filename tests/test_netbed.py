@@ -91,7 +91,9 @@ def test_two_percent_loss_on_every_link_chats_finish_identical(wan, local):
 
 
 def test_route_picks_the_near_server_and_probe_measures_the_links(smollm2, env):
-    delays = {"boot": 5.0, "client": 30.0, "near": 5.0, "far": 60.0}  # client RTTs: near 35 ms, far 90 ms
+    # client RTTs: near 35 ms, far 180 ms. The margin is wide because a route also adds each server's
+    # announced compute, which two servers measuring at once beside other tests can get 2-3x apart.
+    delays = {"boot": 5.0, "client": 30.0, "near": 5.0, "far": 150.0}
     with NetBed(delays) as bed:
         swarm = start_swarm(bed, MODEL, {"near": (0, 30), "far": (0, 30)}, env=env)
         near, far = swarm.ready["near"]["peer_id"], swarm.ready["far"]["peer_id"]
@@ -105,11 +107,11 @@ def test_route_picks_the_near_server_and_probe_measures_the_links(smollm2, env):
         rtts = {r["peer_id"]: r["rtt_median_s"] * 1000 for r in json.loads(res.stdout)["servers"]}
         kernel = {near: bed.ping_rtt_ms("client", "near"), far: bed.ping_rtt_ms("client", "far")}
         print(f"\nprobe: near {rtts[near]:.1f} ms (emulated 35, kernel {kernel[near]:.1f}), "
-              f"far {rtts[far]:.1f} ms (emulated 90, kernel {kernel[far]:.1f})")
+              f"far {rtts[far]:.1f} ms (emulated 180, kernel {kernel[far]:.1f})")
         # The kernel's RTT is the bed's real one (its Python switch lags a few ms on busy cores). Load can
         # only add to an RTT, so the lower bounds are tight and the upper ones leave room for a busy machine
         # (on a quiet one probe is within 10% plus what a PING costs in py-libp2p itself).
-        for pid, emulated in ((near, 35.0), (far, 90.0)):
+        for pid, emulated in ((near, 35.0), (far, 180.0)):
             assert 0.95 * emulated <= kernel[pid] <= 1.5 * emulated + STACK_RTT_MS
             assert 0.95 * kernel[pid] <= rtts[pid] <= 1.5 * kernel[pid] + STACK_RTT_MS
         namespaces = [n.ns for n in bed.nodes.values()]
