@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import logging
 import secrets
+import socket
 import ssl
 import tempfile
 from pathlib import Path
@@ -118,7 +119,7 @@ class DataPlane:
             await trio.aclose_forcefully(tcp)
             return
         self._unbound += 1
-        transport = TlsTransport(tcp, self.ctx, server_side=True)
+        transport = TlsTransport(_take_socket(tcp), self.ctx, server_side=True)
         bound = False
         try:
             with trio.move_on_after(config.DIRECT_HANDSHAKE_TIMEOUT_S):
@@ -141,8 +142,9 @@ class DataPlane:
         finally:
             self._unbound -= 1
             if not bound:
-                await trio.aclose_forcefully(tcp)
-        if bound:  # the stream owns the connection now; trio closes it when this handler returns
+                with trio.CancelScope(shield=True):
+                    await transport.reset()
+        if bound:  # the stream owns the connection now (and closes it)
             await transport.done.wait()
 
 
@@ -158,11 +160,11 @@ async def dial(host: Host, stream: FramedStream, offer: DirectOffer | None) -> b
         ip = stream.libp2p.get_remote_address()[0]
     except Exception:  # noqa: BLE001 - a transport without an address (a relay circuit)
         return False
-    tcp: trio.SocketStream | None = None
+    tls: TlsTransport | None = None
     try:
         with trio.fail_after(config.DIRECT_DIAL_TIMEOUT_S):
             tcp = await trio.open_tcp_stream(ip, offer.port)
-            tls = TlsTransport(tcp, _client_context(), server_side=False)
+            tls = TlsTransport(_take_socket(tcp), _client_context(), server_side=False)
             await tls.handshake()
             if hashlib.sha256(tls.peer_certificate()).hexdigest() != offer.cert:
                 raise PeerError("the data plane presented another certificate than the one offered")
@@ -177,10 +179,17 @@ async def dial(host: Host, stream: FramedStream, offer: DirectOffer | None) -> b
             trio.BrokenResourceError, trio.ClosedResourceError) as e:
         log.debug("data plane of %s not used: %s: %s", peer[-8:], type(e).__name__, e)
         host.direct_failed[peer] = trio.current_time() + config.DIRECT_RETRY_S
-        if tcp is not None:
-            await trio.aclose_forcefully(tcp)
+        if tls is not None:
+            await tls.reset()
         return False
     except BaseException:  # cancelled: let the half-made connection go with us
-        if tcp is not None:
-            await trio.aclose_forcefully(tcp)
+        if tls is not None:
+            with trio.CancelScope(shield=True):
+                await tls.reset()
         raise
+
+
+def _take_socket(tcp: trio.SocketStream) -> socket.socket:
+    """The standard-library socket under a trio stream, which is left holding nothing (closing it is a
+    no-op): the TLS transport drives the socket itself (node/wire/tls.py)."""
+    return socket.socket(fileno=tcp.socket.detach())

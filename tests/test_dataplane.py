@@ -109,7 +109,7 @@ def test_no_direct_client_keeps_the_whole_chain_on_libp2p(tiny_llama, host_swarm
 
 async def _tls(port: int) -> FramedStream:
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = TlsTransport(tcp, dataplane._client_context(), server_side=False)
+    tls = TlsTransport(dataplane._take_socket(tcp), dataplane._client_context(), server_side=False)
     await tls.handshake()
     return FramedStream(tls)
 

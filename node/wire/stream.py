@@ -7,10 +7,15 @@ py-libp2p reports a peer killed mid-reply as a clean EOF, so a reader that hits 
 (before `12 + header_len + body_len` bytes) raises PeerError instead of returning a short reply; EOF
 between frames is PeerClosed, the normal end of a request loop. A frame's prefix is checked before
 its body is read, so an oversized frame is refused without reading (or allocating) it.
+
+Once direct, frames take a lean path (`_recv_direct`, `try_write`): what is already there is read or
+written at once, and deadline scopes are set up only when a wait is needed. The deadlines are the
+same; a decode step simply finds its whole frame there, or waits once for it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import trio
@@ -59,6 +64,9 @@ class FramedStream:
 
     async def send(self, frame: Frame, *, timeout_s: float = config.WRITE_TIMEOUT_S) -> None:
         data = encode_frame(frame)
+        if self.direct and self.stream.try_write(data):
+            await self.stream.quick_checkpoint()
+            return
         try:
             with trio.fail_after(timeout_s):
                 await self.stream.write(data)
@@ -117,6 +125,54 @@ class FramedStream:
         finally:
             self._mid_frame = False
         return Frame(mtype, header, body)
+
+    async def _recv_direct(self, timeout_s: float, max_body: int | None) -> Frame:
+        """recv() over the data plane: the same limits and deadlines, no scope unless it must wait."""
+        t, buf = self.stream, self._buf
+        need, prefix, begun = PREFIX_BYTES, None, None
+        while True:
+            if prefix is None and len(buf) >= PREFIX_BYTES:
+                prefix = parse_prefix(buf[:PREFIX_BYTES])
+                if max_body is not None and prefix[2] > max_body:
+                    raise WireError(f"{prefix[0].name} body of {prefix[2]} bytes exceeds this stream's limit "
+                                    f"of {max_body}")
+                need = PREFIX_BYTES + prefix[1] + prefix[2]
+            if len(buf) >= need:
+                mtype, header_len, _ = prefix
+                header = parse_header(buf[PREFIX_BYTES : PREFIX_BYTES + header_len]) if header_len else {}
+                body = buf[PREFIX_BYTES + header_len : need]
+                del buf[:need]
+                await t.quick_checkpoint()
+                return Frame(mtype, header, body)
+            try:
+                chunk = t.read_nowait(max(need - len(buf), config.READ_CHUNK_BYTES))
+            except (trio.Cancelled, KeyboardInterrupt):
+                raise
+            except Exception as e:  # TLS and socket errors end the stream like EOF
+                chunk, cause = b"", type(e).__name__
+            else:
+                cause = "EOF"
+            if chunk:
+                buf += chunk
+                continue
+            if chunk is not None:  # EOF or a broken connection
+                if not buf:
+                    raise PeerClosed("peer closed the stream instead of replying")
+                raise PeerError(f"peer closed the stream mid-message ({cause})")
+            if not buf:
+                limit, what = timeout_s, timeout_s
+            else:
+                if begun is None:
+                    begun = trio.current_time()
+                what = config.FRAME_TIMEOUT_S + (prefix[2] / config.MIN_FRAME_BYTES_PER_S if prefix else 0.0)
+                limit = begun + what - trio.current_time()
+            if limit == math.inf:
+                await t.wait_readable()
+                continue
+            with trio.move_on_after(max(limit, 0.0)) as scope:
+                await t.wait_readable()
+            if scope.cancelled_caught:
+                raise PeerError(f"peer sent no complete frame within {what:g} s")
 
     async def _first_byte(self) -> bytearray:
         while True:
