@@ -64,9 +64,14 @@ class FramedStream:
 
     async def send(self, frame: Frame, *, timeout_s: float = config.WRITE_TIMEOUT_S) -> None:
         data = encode_frame(frame)
-        if self.direct and self.stream.try_write(data):
-            await self.stream.quick_checkpoint()
-            return
+        try:
+            if self.direct and self.stream.try_write(data):
+                await self.stream.quick_checkpoint()
+                return
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise PeerError(f"could not send to peer: {type(e).__name__}: {e}") from None
         try:
             with trio.fail_after(timeout_s):
                 await self.stream.write(data)
@@ -104,6 +109,8 @@ class FramedStream:
         body at MIN_FRAME_BYTES_PER_S, so a peer cannot hold a half-sent frame (and our buffer) open.
         `max_body` lowers the frame type's body limit: a larger frame is refused before its body is
         read. EOF before the first byte -> PeerClosed."""
+        if self.direct:
+            return await self._recv_direct(timeout_s, max_body)
         try:
             with trio.fail_after(timeout_s):
                 first = await self._first_byte()
@@ -166,11 +173,16 @@ class FramedStream:
                     begun = trio.current_time()
                 what = config.FRAME_TIMEOUT_S + (prefix[2] / config.MIN_FRAME_BYTES_PER_S if prefix else 0.0)
                 limit = begun + what - trio.current_time()
-            if limit == math.inf:
-                await t.wait_readable()
-                continue
-            with trio.move_on_after(max(limit, 0.0)) as scope:
-                await t.wait_readable()
+            try:
+                if limit == math.inf:
+                    await t.wait_readable()
+                    continue
+                with trio.move_on_after(max(limit, 0.0)) as scope:
+                    await t.wait_readable()
+            except trio.ClosedResourceError:  # our side closed it (the session ended): as EOF
+                if not buf:
+                    raise PeerClosed("the stream was closed") from None
+                raise PeerError("the stream was closed mid-message") from None
             if scope.cancelled_caught:
                 raise PeerError(f"peer sent no complete frame within {what:g} s")
 
