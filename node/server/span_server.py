@@ -217,37 +217,44 @@ class SpanServer:
         session.last_active = trio.current_time()
         async with session.step_lock:
             try:
-                step = Step.from_frame(frame, session.span.cfg.hidden_size,
-                                       min(config.MAX_STEP_TOKENS, session.max_length))
-            except WireError as e:  # the sender's mistake: say so, keep the session
-                self.stats.errors += 1
-                await session.send(Error(ErrorCode.BAD_REQUEST, str(e), seq_or_none(frame)).to_frame())
-                return
-            share = self._over_share(session, step.position + step.hidden.shape[1])
-            if share is not None:
-                self.stats.errors += 1
-                await session.send(Error(ErrorCode.CACHE_FULL, share, step.seq).to_frame())
-                return
-            session.stepped = True
+                await self._step(session, frame)
+            finally:
+                self.scheduler.settle()
+
+    async def _step(self, session: Session, frame: Frame) -> None:
+        try:
+            step = Step.from_frame(frame, session.span.cfg.hidden_size, min(config.MAX_STEP_TOKENS, session.max_length))
+        except WireError as e:  # the sender's mistake: say so, keep the session
+            self.stats.errors += 1
+            await session.send(Error(ErrorCode.BAD_REQUEST, str(e), seq_or_none(frame)).to_frame())
+            return
+        share = self._over_share(session, step.position + step.hidden.shape[1])
+        if share is not None:
+            self.stats.errors += 1
+            await session.send(Error(ErrorCode.CACHE_FULL, share, step.seq).to_frame())
+            return
+        session.stepped = True
+        try:
+            out = await self.scheduler.run(Job(session, session.span, session.cache, step.hidden, step.position))
+        except CacheError as e:  # the step cannot be taken; the session stays usable
+            self.stats.errors += 1
+            await session.send(Error(_CACHE_CODES.get(type(e), ErrorCode.BAD_REQUEST), str(e), step.seq).to_frame())
+            return
+        wire_dtype = session.wire_dtype or step.hidden.dtype
+        if out.dtype != wire_dtype:
+            out = out.to(wire_dtype)
+        relay_failed = None
+        if step.relay and session.link is not None:
             try:
-                out = await self.scheduler.run(Job(session, session.span, session.cache, step.hidden, step.position))
-            except CacheError as e:  # the step cannot be taken; the session stays usable
-                self.stats.errors += 1
-                await session.send(Error(_CACHE_CODES.get(type(e), ErrorCode.BAD_REQUEST), str(e), step.seq).to_frame())
+                await session.link.send(Step(step.seq, step.position, out, relay=True).to_frame(),
+                                        timeout_s=config.WRITE_TIMEOUT_S)
+                self.stats.relayed += 1
                 return
-            out = out.to(session.wire_dtype or step.hidden.dtype)
-            relay_failed = None
-            if step.relay and session.link is not None:
-                try:
-                    await session.link.send(Step(step.seq, step.position, out, relay=True).to_frame(),
-                                            timeout_s=config.WRITE_TIMEOUT_S)
-                    self.stats.relayed += 1
-                    return
-                except PeerError as e:  # hand our output to the client, which carries on from here
-                    link, session.link = session.link, None
-                    await link.reset()
-                    relay_failed = str(e)
-            await session.send(Output(step.seq, out, relay_failed).to_frame())
+            except PeerError as e:  # hand our output to the client, which carries on from here
+                link, session.link = session.link, None
+                await link.reset()
+                relay_failed = str(e)
+        await session.send(Output(step.seq, out, relay_failed).to_frame())
 
     def _over_share(self, session: Session, end: int) -> str | None:
         """Why a step reaching position `end` would take the client past its share of the cache, or None."""

@@ -56,7 +56,7 @@ class MsgType(IntEnum):
     DIRECTED = 19
 
 
-_TYPES = frozenset(int(t) for t in MsgType)
+_TYPE_OF = {int(t): t for t in MsgType}  # a dict lookup: MsgType(n) costs twice as much on a decode step
 
 # Only frames that carry tensors or records have a body; a control frame with one is refused before
 # its body is read, so no frame type can make a peer buffer more than its own kind needs.
@@ -72,6 +72,13 @@ def body_limit(mtype: MsgType) -> int:
     return _BODY_LIMITS.get(mtype, 0)
 
 
+# Made once: json.dumps with non-default options builds a new encoder per call. Every step's frames
+# are encoded and parsed right after the span's compute has flushed the CPU's caches, where each
+# object Python touches costs a trip to memory (node/wire/stream.py has the figures).
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_HEADER_DECODER = json.JSONDecoder()
+
+
 @dataclass
 class Frame:
     type: MsgType
@@ -84,9 +91,7 @@ class Frame:
 # --------------------------------------------------------------------------------------------------
 def encode_frame(frame: Frame) -> bytes:
     """One contiguous buffer (prefix + header + body), so a frame is sent with one write."""
-    header = (
-        json.dumps(frame.header, separators=(",", ":"), allow_nan=False).encode() if frame.header else b""
-    )
+    header = _HEADER_ENCODER.encode(frame.header).encode() if frame.header else b""
     if len(header) > config.MAX_HEADER_BYTES:
         raise WireError(f"frame header is {len(header)} bytes, above the {config.MAX_HEADER_BYTES} limit")
     body_len = memoryview(frame.body).nbytes
@@ -108,12 +113,12 @@ def parse_prefix(prefix: bytes | bytearray) -> tuple[MsgType, int, int]:
             f"wire version {version} is not supported (this node speaks {config.WIRE_VERSION}): "
             "upgrade llmswarm"
         )
-    if mtype not in _TYPES:
+    mtype = _TYPE_OF.get(mtype, mtype)
+    if type(mtype) is not MsgType:
         raise WireError(f"unknown message type {mtype}")
     if header_len > config.MAX_HEADER_BYTES:
         raise WireError(f"frame header of {header_len} bytes exceeds the {config.MAX_HEADER_BYTES} limit")
-    mtype = MsgType(mtype)
-    if body_len > body_limit(mtype):
+    if body_len > _BODY_LIMITS.get(mtype, 0):
         raise WireError(f"{mtype.name} body of {body_len} bytes exceeds its limit of {body_limit(mtype)}")
     return mtype, header_len, body_len
 
@@ -122,7 +127,13 @@ def parse_header(raw: bytes | bytearray) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        header = json.loads(raw)
+        text = str(raw, "utf-8")
+        try:  # the compact JSON every node sends; anything else (spaces around it, garbage) the long way
+            header, end = _HEADER_DECODER.raw_decode(text)
+        except json.JSONDecodeError:
+            end = -1
+        if end != len(text):
+            header = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WireError(f"frame header is not UTF-8 JSON: {e}") from None
     except RecursionError:  # a deeply nested header is the sender's fault, not ours
@@ -167,12 +178,14 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
     name = dtype_name(t.dtype)
     if t.dim() == 0:
         raise WireError("0-dim tensors cannot be sent; reshape to [1]")
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    # bfloat16 has no numpy dtype: view the storage as bytes instead.
-    body = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    if t.requires_grad or not t.is_cpu:
+        t = t.detach().cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype is torch.bfloat16:  # no numpy dtype: view the storage as bytes instead
+        body = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    else:  # one torch call where the general path takes four (each a cold dispatch on a decode step)
+        body = memoryview(t.numpy()).cast("B")
     return {"dtype": name, "shape": list(t.shape)}, body
 
 
