@@ -81,6 +81,9 @@ class Inbox:
                 self._send.send_nowait((span, e))
                 return
             self._send.send_nowait((span, frame))
+            # let the task waiting for this reply run first: arming the next read (a TLS read that
+            # finds nothing, an epoll registration) would otherwise come before it, on the decode path
+            await trio.lowlevel.checkpoint()
 
     async def next(self) -> tuple[RemoteSpan, Frame | PeerError]:
         """The next thing any stream delivered; a stream's failure is recorded on its span."""

@@ -117,15 +117,18 @@ class InferenceSession:
         """Send a step to run[0]; with more than one span it is relayed to run[-1], which answers."""
         self.seq += 1
         first = run[0]
-        first.fed(hidden, position)
-        for s in run[1:]:
-            s.relayed(position)
-        frame = Step(self.seq, position, hidden.to(self.wire_dtype).contiguous(), relay=len(run) > 1).to_frame()
+        wire = hidden if hidden.dtype == self.wire_dtype and hidden.is_contiguous() else \
+            hidden.to(self.wire_dtype).contiguous()
+        frame = Step(self.seq, position, wire, relay=len(run) > 1).to_frame()
         started = time.perf_counter()
         try:
             await first.stream.send(frame, timeout_s=self.step_timeout_s)
         except PeerError as e:
             return HopDown(first, e)
+        finally:  # the replay copies, once the step is on its way: off the decode path
+            first.fed(hidden, position)
+            for s in run[1:]:
+                s.relayed(position)
         if while_waiting is not None:
             while_waiting()
         outcome = await self.inbox.reply(run[-1], self.seq, run, self.step_timeout_s)
@@ -143,7 +146,8 @@ class InferenceSession:
         return await self._stalled(run)
 
     def _output(self, frame, tokens: int) -> torch.Tensor:
-        return Output.from_frame(frame, self.hidden_size, tokens).hidden.to(self.dtype)
+        out = Output.from_frame(frame, self.hidden_size, tokens).hidden
+        return out if out.dtype == self.dtype else out.to(self.dtype)
 
     async def _stalled(self, run: list[RemoteSpan]) -> HopDown | AllAlive:
         """After a step timed out: the first server of the run that does not answer a ping."""

@@ -236,10 +236,11 @@ class Step:
         position = h.get("position")
         if type(position) is not int or not 0 <= position < config.MAX_SESSION_LENGTH:
             raise WireError(f"STEP position must be an integer in 0..{config.MAX_SESSION_LENGTH - 1}")
-        hidden = decode_tensor(h.get("tensor"), frame.body, expect_last_dim=hidden_size,
-                               max_elems=max_tokens * hidden_size)
-        if hidden.dim() != 3 or hidden.shape[0] != 1:
-            raise WireError(f"STEP tensor must be [1, tokens, {hidden_size}], got {list(hidden.shape)}")
+        meta = h.get("tensor")
+        hidden = decode_tensor(meta, frame.body, expect_last_dim=hidden_size, max_elems=max_tokens * hidden_size)
+        shape = meta["shape"]  # decode_tensor has checked it: a list of positive ints (cheaper than asking torch)
+        if len(shape) != 3 or shape[0] != 1:
+            raise WireError(f"STEP tensor must be [1, tokens, {hidden_size}], got {shape}")
         return cls(seq, position, hidden, h.get("relay") is True)
 
 
@@ -261,10 +262,10 @@ class Output:
     @classmethod
     def from_frame(cls, frame: Frame, hidden_size: int, tokens: int) -> Output:
         h = _expect(Error.raise_if(frame), MsgType.OUTPUT)
-        hidden = decode_tensor(h.get("tensor"), frame.body, expect_last_dim=hidden_size,
-                               max_elems=tokens * hidden_size)
-        if list(hidden.shape) != [1, tokens, hidden_size]:
-            raise WireError(f"OUTPUT tensor is {list(hidden.shape)}, expected [1, {tokens}, {hidden_size}]")
+        meta = h.get("tensor")
+        hidden = decode_tensor(meta, frame.body, expect_last_dim=hidden_size, max_elems=tokens * hidden_size)
+        if meta["shape"] != [1, tokens, hidden_size]:  # checked by decode_tensor: a list of positive ints
+            raise WireError(f"OUTPUT tensor is {meta['shape']}, expected [1, {tokens}, {hidden_size}]")
         failed = h.get("relay_failed")
         return cls(parse_seq(h), hidden, str(failed)[:MAX_ERROR_MESSAGE_CHARS] if failed is not None else None)
 
