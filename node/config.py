@@ -205,6 +205,7 @@ RELAY_PING_TIMEOUT_S = 2.0  # after a relayed step times out, how long each hop 
 
 # Data plane (node/dataplane.py): a session's stream over TLS on a direct TCP connection
 USE_DIRECT = True  # clients and relaying servers move inference streams to a server's data plane when offered
+DIRECT_UNIX = True  # a server's data plane also listens on a Unix socket, used by clients and servers on its host
 DIRECT_DIAL_TIMEOUT_S = 2.0  # TCP + TLS 1.3 + DIRECT/DIRECTED: ~3 RTTs (0.45 s) + a lost SYN; then libp2p
 DIRECT_HANDSHAKE_TIMEOUT_S = 5.0  # a server gives an incoming connection this long to bind to a stream
 DIRECT_OFFER_TTL_S = 30.0  # an offer's token is good once, for this long

@@ -13,19 +13,32 @@ hostname), and presents the token inside TLS; the server binds the connection to
 token was offered on. No home-made cryptography: the TLS handshake proves the server holds the
 pinned key, and the token never leaves the two channels that are encrypted to it.
 
+Between processes of one host (the libp2p connection's address is a loopback one) the same data
+plane is offered on a Unix socket too, in a folder only the server's user can enter: no TLS, and
+cheaper socket calls. On a 2-core VM, right after a span's compute has flushed the caches, sending
+and reading one 2.3 KB frame cost 115 + 109 us over TLS, 58 + 57 over bare TCP and 34 + 37 over a
+Unix socket. The dialer authenticates the listener by the kernel's word (SO_PEERCRED): it must be
+the process the offer names, running as the user who owns that private folder. The loopback and
+the Unix socket never leave the kernel, so what TLS would add there is only its cost.
+
 Anything that goes wrong (no direct libp2p connection to the peer, a closed or filtered port, a
 different certificate, a refused token) leaves the stream on libp2p: the dialer falls back, bounded
-by DIRECT_DIAL_TIMEOUT_S, and skips that peer for DIRECT_RETRY_S.
+by DIRECT_DIAL_TIMEOUT_S, and skips that peer for DIRECT_RETRY_S. A Unix socket that cannot be used
+(another host, another process, a folder others can write) falls back to TLS.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import logging
+import os
 import secrets
+import shutil
 import socket
 import ssl
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +50,7 @@ from llmswarm.node.nat import DIRECT
 from llmswarm.node.wire.codec import MsgType
 from llmswarm.node.wire.direct import Direct, Directed, DirectOffer
 from llmswarm.node.wire.messages import Error
+from llmswarm.node.wire.socket_transport import SocketTransport
 from llmswarm.node.wire.stream import FramedStream
 from llmswarm.node.wire.tls import TlsTransport
 
@@ -82,9 +96,12 @@ def _client_context() -> ssl.SSLContext:
 class DataPlane:
     """A server's data-plane listener and the offers it has made."""
 
-    def __init__(self, listen_host: str = config.DEFAULT_LISTEN_HOST, port: int = 0) -> None:
-        self.listen_host, self.want_port = listen_host, port
+    def __init__(self, listen_host: str = config.DEFAULT_LISTEN_HOST, port: int = 0,
+                 unix: bool = config.DIRECT_UNIX) -> None:
+        self.listen_host, self.want_port, self.want_unix = listen_host, port, unix
         self.port = 0  # once listening
+        self.unix_path: str | None = None  # once listening there too
+        self.pid = os.getpid()
         self.ctx, self.cert = _server_context()
         self._offers: dict[str, tuple[FramedStream, float]] = {}  # token -> (stream, trio deadline)
         self._unbound = 0  # connections not yet bound to a stream
@@ -98,8 +115,34 @@ class DataPlane:
             raise NodeError(f"cannot listen for the data plane on {self.listen_host}:{self.want_port}: {e}; "
                             "pick another --direct-port or use --no-direct") from None
         self.port = listeners[0].socket.getsockname()[1]
+        folder = await self._listen_unix(listeners) if self.want_unix else None
         task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+        try:
+            await trio.serve_listeners(self._handle, listeners)
+        finally:
+            self.unix_path = None
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    async def _listen_unix(self, listeners: list[trio.SocketListener]) -> str | None:
+        """Also listen on a Unix socket in a fresh private folder; the folder, or None when this
+        system cannot (the data plane then stays TLS only)."""
+        if not hasattr(socket, "AF_UNIX"):
+            return None
+        folder = tempfile.mkdtemp(prefix="llmswarm-")  # 0700, a name nobody else could have taken
+        path = os.path.join(folder, "data-plane")
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            sock.listen(128)
+        except OSError as e:  # a TMPDIR too long for a socket path, say
+            log.debug("data plane without a Unix socket: %s", e)
+            sock.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        listeners.append(trio.SocketListener(sock))
+        self.unix_path = path
+        return folder
 
     def offer(self, stream: FramedStream) -> DirectOffer | None:
         """A single-use offer to move `stream` here, or None (not listening, or too many pending)."""
@@ -111,7 +154,7 @@ class DataPlane:
             return None
         token = secrets.token_hex(32)
         self._offers[token] = (stream, now + config.DIRECT_OFFER_TTL_S)
-        return DirectOffer(self.port, self.cert, token)
+        return DirectOffer(self.port, self.cert, token, self.unix_path, self.pid if self.unix_path else None)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         """One incoming connection: TLS, then DIRECT {token}; bound to its stream, or closed."""
@@ -119,11 +162,14 @@ class DataPlane:
             await trio.aclose_forcefully(tcp)
             return
         self._unbound += 1
-        transport = TlsTransport(_take_socket(tcp), self.ctx, server_side=True)
+        local = tcp.socket.family == getattr(socket, "AF_UNIX", None)
+        transport = SocketTransport(_take_socket(tcp)) if local else \
+            TlsTransport(_take_socket(tcp), self.ctx, server_side=True)
         bound = False
         try:
             with trio.move_on_after(config.DIRECT_HANDSHAKE_TIMEOUT_S):
-                await transport.handshake()
+                if isinstance(transport, TlsTransport):
+                    await transport.handshake()
                 fs = FramedStream(transport)
                 frame = await fs.recv(timeout_s=config.DIRECT_HANDSHAKE_TIMEOUT_S, max_body=0)
                 offer = self._offers.pop(Direct.from_frame(frame).token, None)
@@ -160,15 +206,18 @@ async def dial(host: Host, stream: FramedStream, offer: DirectOffer | None) -> b
         ip = stream.libp2p.get_remote_address()[0]
     except Exception:  # noqa: BLE001 - a transport without an address (a relay circuit)
         return False
-    tls: TlsTransport | None = None
+    transport: SocketTransport | None = None
     try:
         with trio.fail_after(config.DIRECT_DIAL_TIMEOUT_S):
-            tcp = await trio.open_tcp_stream(ip, offer.port)
-            tls = TlsTransport(_take_socket(tcp), _client_context(), server_side=False)
-            await tls.handshake()
-            if hashlib.sha256(tls.peer_certificate()).hexdigest() != offer.cert:
-                raise PeerError("the data plane presented another certificate than the one offered")
-            fs = FramedStream(tls)
+            if offer.unix is not None and _is_loopback(ip):
+                transport = await _dial_unix(offer)
+            if transport is None:
+                tcp = await trio.open_tcp_stream(ip, offer.port)
+                transport = tls = TlsTransport(_take_socket(tcp), _client_context(), server_side=False)
+                await tls.handshake()
+                if hashlib.sha256(tls.peer_certificate()).hexdigest() != offer.cert:
+                    raise PeerError("the data plane presented another certificate than the one offered")
+            fs = FramedStream(transport)
             await fs.send(Direct(offer.token).to_frame())
             reply = await fs.recv(timeout_s=config.DIRECT_DIAL_TIMEOUT_S, max_body=0)
             if Error.raise_if(reply).type != MsgType.DIRECTED:
@@ -179,14 +228,43 @@ async def dial(host: Host, stream: FramedStream, offer: DirectOffer | None) -> b
             trio.BrokenResourceError, trio.ClosedResourceError) as e:
         log.debug("data plane of %s not used: %s: %s", peer[-8:], type(e).__name__, e)
         host.direct_failed[peer] = trio.current_time() + config.DIRECT_RETRY_S
-        if tls is not None:
-            await tls.reset()
+        if transport is not None:
+            await transport.reset()
         return False
     except BaseException:  # cancelled: let the half-made connection go with us
-        if tls is not None:
+        if transport is not None:
             with trio.CancelScope(shield=True):
-                await tls.reset()
+                await transport.reset()
         raise
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+async def _dial_unix(offer: DirectOffer) -> SocketTransport | None:
+    """The offer's Unix socket, if it is on this host and the kernel says its listener is the process
+    the offer names, running as the user whose private folder holds the socket; else None."""
+    if offer.unix is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(offer.unix)
+        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        folder = os.stat(os.path.dirname(offer.unix))
+        if pid != offer.pid or uid != folder.st_uid or folder.st_mode & 0o077:
+            raise PeerError(f"the Unix socket's listener is process {pid} of user {uid}, not the one offered")
+    except (OSError, PeerError) as e:
+        log.debug("data plane's Unix socket %s not used: %s", offer.unix, e)
+        sock.close()
+        return None
+    return SocketTransport(socket.socket(fileno=sock.detach()))
 
 
 def _take_socket(tcp: trio.SocketStream) -> socket.socket:

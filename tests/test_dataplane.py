@@ -1,8 +1,11 @@
-"""The data plane (node/dataplane.py) through real libp2p hosts and real TLS sockets on 127.0.0.1
-(in-process servers, tiny Llama): a server whose data plane cannot be reached, or that presents
-another certificate, is used over libp2p instead and the outputs stay equal to the local span's;
-the listener refuses whatever is not a live offer's token over TLS, bounds every wait, and keeps
-serving; malformed and oversized frames over TLS are refused like over libp2p."""
+"""The data plane (node/dataplane.py) through real libp2p hosts and real TLS and Unix sockets on
+127.0.0.1 (in-process servers, tiny Llama): a server whose data plane cannot be reached, or that
+presents another certificate, is used over libp2p instead and the outputs stay equal to the local
+span's; the listener refuses whatever is not a live offer's token over TLS, bounds every wait, and
+keeps serving; malformed and oversized frames over TLS are refused like over libp2p. On one host the
+streams take the Unix socket, unless its listener is not the process the offer names (then TLS).
+
+Tests of the TLS path turn the Unix socket off (`_tls_only`): on 127.0.0.1 it would be taken first."""
 
 from __future__ import annotations
 
@@ -57,10 +60,16 @@ def _links(swarm) -> list[bool]:
     return [sess.link.direct for srv in swarm.servers for sess in srv.sessions.values() if sess.link]
 
 
+def _tls_only(swarm) -> None:
+    for host in swarm.hosts:
+        host.dataplane.unix_path = None  # offers made from now on name no Unix socket
+
+
 def test_unreachable_data_plane_falls_back_to_libp2p(tiny_llama, host_swarm):
     """Server 1 offers a port nobody listens on: the client and server 0 (relay) reach it over
     libp2p; the other streams still go direct."""
     async def fn(swarm, whole):
+        _tls_only(swarm)
         swarm.hosts[1].dataplane.port = _closed_port()
         links: list[bool] = []  # the servers' relay links, seen while the session is open
         orig = swarm.servers[0].step
@@ -80,6 +89,7 @@ def test_wrong_certificate_is_refused_before_the_token_is_sent(tiny_llama, host_
     """Server 1's offer leads to an impostor's listener (another certificate): the client refuses it
     without sending the token, and uses libp2p."""
     async def fn(swarm, whole):
+        _tls_only(swarm)
         impostor = DataPlane("127.0.0.1")
         await swarm.nursery.start(impostor.serve)
         swarm.hosts[1].dataplane.port = impostor.port
@@ -125,6 +135,7 @@ def test_listener_refuses_bad_connections_bounds_waits_and_keeps_serving(tiny_ll
     monkeypatch.setattr(config, "DIRECT_HANDSHAKE_TIMEOUT_S", 0.5)
 
     async def fn(swarm, whole):
+        _tls_only(swarm)
         plane = swarm.hosts[0].dataplane
         # not TLS at all
         tcp = await trio.open_tcp_stream("127.0.0.1", plane.port)
@@ -177,8 +188,11 @@ async def _drain(tcp: trio.SocketStream) -> bytes:
         return b""
 
 
-def test_malformed_and_oversized_frames_over_tls_are_refused_like_over_libp2p(tiny_llama, host_swarm):
+@pytest.mark.parametrize("unix", [False, True], ids=["tls", "unix"])
+def test_malformed_and_oversized_frames_over_tls_are_refused_like_over_libp2p(tiny_llama, host_swarm, unix):
     async def fn(swarm, whole):
+        if not unix:
+            _tls_only(swarm)
         async def session() -> FramedStream:
             stream = await swarm.client.open_stream(swarm.hosts[0].peer_id, config.PROTOCOL_INFERENCE)
             opened = Opened.from_frame(await stream.request(Open(MODEL, 0, 2, 16).to_frame()))
@@ -205,12 +219,49 @@ def test_malformed_and_oversized_frames_over_tls_are_refused_like_over_libp2p(ti
     host_swarm(tiny_llama, SPANS, fn, direct=True)
 
 
+def _transports(swarm) -> list[str]:
+    """The transport of each server's client stream, then of each server's relay link."""
+    sessions = [sess for srv in swarm.servers for sess in srv.sessions.values()]
+    return ([type(sess.client.stream).__name__ for sess in sessions]
+            + [type(sess.link.stream).__name__ for sess in sessions if sess.link])
+
+
+def test_streams_on_one_host_take_the_unix_socket_unless_its_listener_is_another_process(tiny_llama, host_swarm):
+    """Every stream of a relayed chain goes over the servers' Unix sockets, outputs equal to local;
+    a server whose offer names another process than the one listening there is reached over TLS."""
+    async def fn(swarm, whole):
+        assert all(h.dataplane.unix_path for h in swarm.hosts)
+        seen: list[list[str]] = []
+        orig = swarm.servers[2].step
+
+        async def step(session, frame):  # the last server: every link is made by the time it steps
+            await orig(session, frame)
+            seen.append(_transports(swarm))
+        swarm.servers[2].step = step
+        assert await _chain_equals_local(swarm, whole) == [True, True, True]
+        assert seen[-1] == ["SocketTransport"] * 5  # 3 client streams, 2 relay links
+        # the offers of server 1 now name another process: its client stream and the link into it
+        # go over TLS instead; the others stay on the Unix sockets
+        swarm.hosts[1].dataplane.pid += 1
+        seen.clear()
+        assert await _chain_equals_local(swarm, whole) == [True, True, True]
+        assert seen[-1] == ["SocketTransport", "TlsTransport", "SocketTransport", "TlsTransport", "SocketTransport"]
+        assert swarm.hosts[1].peer_id not in swarm.client.direct_failed  # TLS worked: no penalty
+
+    host_swarm(tiny_llama, SPANS, fn, direct=True)
+
+
 def test_offer_fields_are_validated():
     good = {"port": 4001, "cert": "a" * 64, "token": "b" * 64}
     assert DirectOffer.parse(good) == DirectOffer(4001, "a" * 64, "b" * 64)
     assert DirectOffer.parse(None) is None
+    local = {**good, "unix": "/tmp/llmswarm-x/data-plane", "pid": 42}
+    assert DirectOffer.parse(local) == DirectOffer(4001, "a" * 64, "b" * 64, "/tmp/llmswarm-x/data-plane", 42)
+    assert DirectOffer.parse(DirectOffer.parse(local).to_header()) == DirectOffer.parse(local)
     for bad in ([], {**good, "port": 0}, {**good, "port": 70000}, {**good, "port": "1"}, {**good, "cert": "A" * 64},
-                {**good, "token": "b" * 63}, {**good, "cert": None}):
+                {**good, "token": "b" * 63}, {**good, "cert": None}, {**local, "unix": "relative/path"},
+                {**local, "unix": "/" + "x" * 200}, {**local, "unix": "/a\0b"}, {**local, "pid": 0},
+                {**local, "pid": "42"}, {**good, "pid": 42}, {**good, "unix": "/tmp/x"}):
         with pytest.raises(WireError):
             DirectOffer.parse(bad)
     with pytest.raises(WireError):

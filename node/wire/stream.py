@@ -28,7 +28,7 @@ from llmswarm.node.wire.messages import Error
 class FramedStream:
     """Frames over one libp2p stream (or the data-plane connection it moved to). Not safe for
     concurrent send() or recv() from two tasks. `stream` is anything with read(n), write(data),
-    close() and reset(): a py-libp2p stream or node/wire/tls.py's TlsTransport."""
+    close() and reset(): a py-libp2p stream or a data-plane transport (node/wire/socket_transport.py)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -64,14 +64,15 @@ class FramedStream:
 
     async def send(self, frame: Frame, *, timeout_s: float = config.WRITE_TIMEOUT_S) -> None:
         data = encode_frame(frame)
-        try:
-            if self.direct and self.stream.try_write(data):
+        if self.direct:
+            try:
+                sent = self.stream.try_write(data)
+            except Exception as e:
+                raise PeerError(f"could not send to peer: {type(e).__name__}: {e}") from None
+            if sent == len(data):
                 await self.stream.quick_checkpoint()
                 return
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise PeerError(f"could not send to peer: {type(e).__name__}: {e}") from None
+            data = memoryview(data)[sent:]  # the rest waits for room, within the deadline below
         try:
             with trio.fail_after(timeout_s):
                 await self.stream.write(data)
