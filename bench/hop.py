@@ -2,13 +2,15 @@
 
 Two hosts in this process (so CPU time is both ends' together): one STEP of `hidden` float32 values
 out, its OUTPUT back, through a FramedStream over libp2p (Noise + yamux), over the data plane (the
-same stream after `dataplane.dial`: TLS 1.3 on a direct TCP connection), and over bare TCP (a
-reference, not a transport llmswarm uses). The transports are alternated `rounds` times; figures are
-medians: wall ms per round trip and CPU ms per round trip (the latter barely moves with other load).
+same stream after `dataplane.dial`: TLS 1.3 on a direct TCP connection, and the Unix socket that
+processes of one host use instead), and over bare TCP (a reference, not a transport llmswarm uses).
+The transports are alternated `rounds` times; figures are medians: wall ms per round trip and CPU ms
+per round trip (the latter barely moves with other load).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import statistics
@@ -88,11 +90,16 @@ def bench_hop(round_trips: int = 400, rounds: int = 3, hidden: int = 576,
             tcp_port = listeners[0].socket.getsockname()[1]
             await client.connect(next(a for a in server.addrs if "/ip4/127.0.0.1/" in a))
             streams = {}
-            for name in ("libp2p", "data_plane"):
+            for name in ("libp2p", "data_plane", "data_plane_unix"):
                 stream = await client.open_stream(server.peer_id, PROTOCOL_ECHO)
                 offer = Attached.from_frame(await stream.request(Ping(0).to_frame())).direct
-                if name == "data_plane" and not await dataplane.dial(client, stream, offer):
+                if name == "data_plane":  # the TLS port, as a client on another host reaches it
+                    offer = dataclasses.replace(offer, unix=None, pid=None)
+                if name != "libp2p" and not await dataplane.dial(client, stream, offer):
                     raise PeerError("the data plane could not be reached on 127.0.0.1")
+                want = {"data_plane": "TlsTransport", "data_plane_unix": "SocketTransport"}.get(name)
+                if want and type(stream.stream).__name__ != want:
+                    raise PeerError(f"{name}: the stream went over {type(stream.stream).__name__}, not {want}")
                 streams[name] = stream
             streams["tcp"] = FramedStream(_Tcp(await trio.open_tcp_stream("127.0.0.1", tcp_port)))
             rows: dict[str, list[tuple[float, float]]] = {k: [] for k in streams}

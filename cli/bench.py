@@ -229,7 +229,7 @@ def bench_hop(
     hidden: int = typer.Option(576, "--hidden", min=1, max=65536, help="Hidden size (float32 values per STEP)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """One STEP/OUTPUT round trip over libp2p, the data plane (TLS) and bare TCP, no model (medians)."""
+    """One STEP/OUTPUT round trip over libp2p, the data plane (TLS; Unix socket) and bare TCP, no model."""
     from llmswarm.bench.hop import bench_hop as run
 
     with output.progress(not json_out) as report:
@@ -244,7 +244,7 @@ def bench_hop(
     for col in ("", "wall ms", "CPU ms"):
         t.add_column(col, justify="right")
     for k, label in (("libp2p", "libp2p (Noise + yamux)"), ("data_plane", "data plane (TLS 1.3)"),
-                     ("tcp", "bare TCP (reference)")):
+                     ("data_plane_unix", "data plane, one host (Unix socket)"), ("tcp", "bare TCP (reference)")):
         t.add_row(label, f"{r[k]['wall_ms']:.3f}", f"{r[k]['cpu_ms']:.3f}")
     output.console.print(t)
 

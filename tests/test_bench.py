@@ -82,10 +82,11 @@ def test_local_swarm_names_why_a_child_failed(tmp_path):
 
 
 def test_bench_hop_measures_every_transport():
-    """The data-plane row is the stream after a real dial (bench_hop raises if it stayed on libp2p)."""
+    """The data-plane rows are the stream after a real dial, over TLS and over the Unix socket
+    (bench_hop raises if it stayed on libp2p or took the other transport)."""
     from llmswarm.bench.hop import bench_hop
 
     r = bench_hop(round_trips=20, rounds=1, hidden=64)
     assert r["body_bytes"] == 256
-    for k in ("libp2p", "data_plane", "tcp"):
+    for k in ("libp2p", "data_plane", "data_plane_unix", "tcp"):
         assert r[k]["wall_ms"] > 0 and r[k]["cpu_ms"] > 0
