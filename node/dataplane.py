@@ -157,7 +157,8 @@ class DataPlane:
         return DirectOffer(self.port, self.cert, token, self.unix_path, self.pid if self.unix_path else None)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
-        """One incoming connection: TLS, then DIRECT {token}; bound to its stream, or closed."""
+        """One incoming connection (TLS on the TCP port, none on the Unix socket), then DIRECT {token};
+        bound to its stream, or closed."""
         if self._unbound >= config.MAX_DIRECT_UNBOUND:
             await trio.aclose_forcefully(tcp)
             return
@@ -269,5 +270,5 @@ async def _dial_unix(offer: DirectOffer) -> SocketTransport | None:
 
 def _take_socket(tcp: trio.SocketStream) -> socket.socket:
     """The standard-library socket under a trio stream, which is left holding nothing (closing it is a
-    no-op): the TLS transport drives the socket itself (node/wire/tls.py)."""
+    no-op): the data plane's transports drive the socket themselves (node/wire/socket_transport.py)."""
     return socket.socket(fileno=tcp.socket.detach())

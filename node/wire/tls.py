@@ -53,25 +53,13 @@ class TlsTransport(SocketTransport):
 
     def _send(self, data: memoryview) -> int:
         # all or nothing: OpenSSL's partial-write mode is off, so a record it began is finished by the
-        # retry with the same bytes (write() retries from the same place: nothing was counted as sent)
+        # retry with the same bytes (write() retries from the same place: nothing was counted as sent).
+        # SSLWantReadError (a renegotiation, which TLS 1.3 as configured here never asks for) is raised:
+        # the stream ends, as on any TLS error.
         try:
             return self.sock.send(data)
         except ssl.SSLWantWriteError:
             return 0
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        async with self._send_lock:
-            view = memoryview(data)
-            while view.nbytes:
-                try:
-                    view = view[self.sock.send(view):]
-                except ssl.SSLWantWriteError:
-                    self._quick = 0
-                    await trio.lowlevel.wait_writable(self.sock)
-                except ssl.SSLWantReadError:  # a renegotiation TLS 1.3 does not have: the reader waits on it
-                    self._quick = 0
-                    await trio.sleep(0.001)
-        await self.quick_checkpoint()
 
     async def close(self) -> None:
         """close_notify, then the connection: the peer reads a clean EOF."""
