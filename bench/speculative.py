@@ -107,6 +107,10 @@ def bench_speculative(model: str = "smollm2-135m", drafts: list[str] | None = No
         if answers[0].get("draft"):
             row["acceptance_rate"] = statistics.median(a["draft"]["acceptance_rate"] for a in answers)
             row["proposals_drafted_ahead"] = statistics.median(a["draft"]["proposals_drafted_ahead"] for a in answers)
+            # where a turn's time went (models/speculative.py: draft_stats), medians over the rounds
+            row["ms_by_phase"] = {p: statistics.median(a["draft"]["ms"][p] for a in answers)
+                                  for p in answers[0]["draft"]["ms"]}
+            row["draft_ms_per_forward"] = statistics.median(a["draft"]["draft_ms_per_forward"] or 0 for a in answers)
         out[k] = row
     floor_ms = (link_ms or 0.0) * (servers + 1)
     ratios = {}

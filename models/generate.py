@@ -36,6 +36,10 @@ class GenerationResult:
     first_step_tokens: int = 1  # tokens the first step gave (more than one with a draft)
     drafted: int = 0  # draft tokens proposed (speculative decoding, models/speculative.py)
     accepted: int = 0  # of which the target model accepted
+    # speculative decoding: where the time went, seconds by phase (models/speculative.py), and how
+    # many draft-model forwards ran (those worked ahead included, kept or not)
+    phases: dict[str, float] = field(default_factory=dict)
+    draft_forwards: int = 0
 
     @property
     def tokens_per_s(self) -> float:

@@ -147,6 +147,8 @@ class Drafter:
         self.held: list[int] = []
         self.token_s = 0.0  # moving average of the draft's compute per token
         self.ahead_hits = 0  # proposals that started from tokens drafted while waiting
+        self.forwards = 0  # draft-model forwards run (each gives one draft token's logits)
+        self.ahead_s = 0.0  # seconds spent working ahead (while the target checked a proposal)
         self.drafted = self.accepted = 0  # over every step checked so far, ended generations or not
         self._device = next(parts.parameters()).device
         self._proposed: list[int] | None = None  # context + drafts of the proposal being checked (greedy)
@@ -201,6 +203,7 @@ class Drafter:
             if j < k - 1:
                 logits = self._logits([token], len(self.held))
                 self.held.append(token)
+        self.forwards += k
         per_token = (time.perf_counter() - started) / max(k, 1)
         self.token_s = per_token if self.token_s == 0 else 0.7 * self.token_s + 0.3 * per_token
         return drafts, dists
@@ -229,9 +232,11 @@ class Drafter:
         k = self.policy.choose(peek=True)
         if k == 0 or self.policy.acceptance ** (self.policy.last_k + 1) < 0.5:
             return
+        started = time.perf_counter()
         with torch.inference_mode():
             guess, _ = self._draft(proposed, k + 1, _GREEDY)  # the bonus token's guess, then k drafts
         self._ahead = (proposed + guess[:1], guess[1:])
+        self.ahead_s += time.perf_counter() - started
 
 
 _GREEDY = Sampler(Sampling())
@@ -271,6 +276,8 @@ def speculative_steps(client: nn.Module, drafter: Drafter, prompt: list[int], po
     tokens = list(prompt)  # the context: prompt, then every token given so far
     pending = prompt[position:]  # tokens the target's caches do not hold yet (at least one)
     policy = drafter.policy
+    forwards0 = drafter.forwards
+    phases = result.phases = dict.fromkeys(("draft", "ahead", "swarm", "check"), 0.0)
     while True:
         room = min(max_new_tokens - len(result.token_ids) - 1, max_length - position - len(pending))
         k = policy.last_k = max(0, min(policy.choose(), room))
@@ -281,11 +288,18 @@ def speculative_steps(client: nn.Module, drafter: Drafter, prompt: list[int], po
         with torch.inference_mode():
             hidden = client.embed(torch.tensor([fed], dtype=torch.long, device=device))
         t1 = time.perf_counter()
+        ahead0 = drafter.ahead_s
         out = yield hidden, position
-        step_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        step_s, ahead_s = t2 - t1, drafter.ahead_s - ahead0
         with torch.inference_mode():
             logits = client.head(out[:, len(pending) - 1 :].to(hidden.device, hidden.dtype))[0].float()
         given, accepted = verify(logits, drafts, dists, sampler)
+        phases["draft"] += t1 - t0
+        phases["ahead"] += ahead_s
+        phases["swarm"] += step_s - ahead_s  # sending, and waiting for the reply beyond working ahead
+        phases["check"] += time.perf_counter() - t2
+        result.draft_forwards = drafter.forwards - forwards0
         policy.observe(k, accepted, len(fed), step_s, draft_s)
         drafter.drafted += k
         drafter.accepted += accepted
@@ -322,6 +336,13 @@ def draft_stats(result: GenerationResult, drafter: Drafter) -> dict[str, Any]:
         "acceptance_rate": round(result.accepted / result.drafted, 4) if result.drafted else 0.0,
         "steps": result.steps, "tokens_per_step": round(given / result.steps, 3) if result.steps else 0.0,
         "draft_tokens_max": drafter.k_max, "proposals_drafted_ahead": drafter.ahead_hits,
+        # where the turn's time went, the prompt's step included: drafting (and embedding) before a
+        # step, drafting ahead while it crossed, the rest of its round trip, the target's head on the
+        # checked positions and the check itself
+        "ms": {k: round(1000 * v, 1) for k, v in result.phases.items()},
+        "draft_forwards": result.draft_forwards,
+        "draft_ms_per_forward": round(1000 * (result.phases.get("draft", 0) + result.phases.get("ahead", 0))
+                                      / result.draft_forwards, 2) if result.draft_forwards else None,
     }
 
 
