@@ -153,6 +153,9 @@ class Drafter:
         self._device = next(parts.parameters()).device
         self._proposed: list[int] | None = None  # context + drafts of the proposal being checked (greedy)
         self._ahead: tuple[list[int], list[int]] | None = None  # (the context guessed, drafts following it)
+        # the most drafts the step after the one in flight can take if all of this one stands (None: no
+        # bound): a generation that ends with this step (its token budget) is not drafted past
+        self.ahead_room: int | None = None
 
     def fork(self, max_length: int) -> Drafter:
         """A drafter for another generation: the same weights, its own cache of `max_length` tokens
@@ -230,7 +233,9 @@ class Drafter:
         if proposed is None:
             return
         k = self.policy.choose(peek=True)
-        if k == 0 or self.policy.acceptance ** (self.policy.last_k + 1) < 0.5:
+        if self.ahead_room is not None:
+            k = min(k, self.ahead_room)
+        if k <= 0 or self.policy.acceptance ** (self.policy.last_k + 1) < 0.5:
             return
         started = time.perf_counter()
         with torch.inference_mode():
@@ -287,6 +292,9 @@ def speculative_steps(client: nn.Module, drafter: Drafter, prompt: list[int], po
         fed = pending + drafts
         with torch.inference_mode():
             hidden = client.embed(torch.tensor([fed], dtype=torch.long, device=device))
+        # if every draft stands, the next step starts after this one's bonus token, with this much room
+        drafter.ahead_room = min(max_new_tokens - len(result.token_ids) - k - 2,
+                                 max_length - position - len(pending) - k - 1)
         t1 = time.perf_counter()
         ahead0 = drafter.ahead_s
         out = yield hidden, position

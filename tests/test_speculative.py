@@ -176,6 +176,9 @@ def test_greedy_with_a_draft_is_the_plain_greedy_answer(tiny, random_draft, whic
     if which == "target":
         assert r.accepted == r.drafted > 0 and r.steps < 40 / 3
         assert drafter.ahead_hits >= r.steps - 2  # every proposal but the first came from working ahead
+        # one draft forward per token given (the drafts, and the guesses of bonus tokens), and none
+        # worked ahead past the last step: the token budget ends the generation there
+        assert r.draft_forwards <= len(r.token_ids)
     else:
         assert r.accepted < r.drafted / 2
 
