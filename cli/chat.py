@@ -36,6 +36,9 @@ def chat(
                                   "connections (hole punching)."),
     step_timeout: float = typer.Option(config.STEP_TIMEOUT_S, "--step-timeout", min=0.1,
                                        help="Seconds a server may take for one step before it is replaced."),
+    wait_for_swarm: float = typer.Option(config.COVERAGE_WAIT_S, "--wait-for-swarm", min=0.0, metavar="SECONDS",
+                                         help="How long to wait for servers to cover every block (a swarm "
+                                              "still starting) before giving up; 0: at once."),
     relay: bool = typer.Option(True, "--relay/--no-relay",
                                help="Servers pass hidden states straight to the next server (else via this client)."),
     direct: bool = typer.Option(True, "--direct/--no-direct",
@@ -65,8 +68,9 @@ def chat(
                        temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=check_device(device),
                        max_length=max_length, system=system, peers=split_peers(peers), show_route=show_route,
                        solver=solver, prefer=prefer, identity=identity, step_timeout=step_timeout, relay=relay,
-                       direct=direct, listen_host=host, wire_dtype=wire_dtype, exact_weights=exact_weights,
-                       draft=draft, draft_tokens=draft_tokens, draft_dtype=draft_dtype, verify_rate=verify_rate)
+                       coverage_wait=wait_for_swarm, direct=direct, listen_host=host, wire_dtype=wire_dtype,
+                       exact_weights=exact_weights, draft=draft, draft_tokens=draft_tokens, draft_dtype=draft_dtype,
+                       verify_rate=verify_rate)
     run_chat_rendered(opts, json_out)
 
 

@@ -181,8 +181,10 @@ class Drafter:
         return logits
 
     @torch.inference_mode()
-    def _draft(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[torch.Tensor]]:
-        """K tokens following `context` from the draft alone, and (sampling) the distributions drawn from."""
+    def _draft(self, context: list[int], k: int, sampler: Sampler,
+               stop: Callable[[], bool] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        """K tokens following `context` from the draft alone, and (sampling) the distributions drawn from;
+        fewer (at least one) when `stop()` says so between two forwards."""
         started = time.perf_counter()
         common = 0
         for a, b in zip(self.held, context, strict=False):
@@ -203,11 +205,12 @@ class Drafter:
                 token = sampler.draw(q)
                 dists.append(q)
             drafts.append(token)
-            if j < k - 1:
-                logits = self._logits([token], len(self.held))
-                self.held.append(token)
-        self.forwards += k
-        per_token = (time.perf_counter() - started) / max(k, 1)
+            if j == k - 1 or (stop is not None and stop()):
+                break
+            logits = self._logits([token], len(self.held))
+            self.held.append(token)
+        self.forwards += len(drafts)
+        per_token = (time.perf_counter() - started) / max(len(drafts), 1)
         self.token_s = per_token if self.token_s == 0 else 0.7 * self.token_s + 0.3 * per_token
         return drafts, dists
 
@@ -216,7 +219,7 @@ class Drafter:
         drafts: list[int] = []
         if self._ahead is not None and sampler.greedy and self._ahead[0] == context:
             drafts = self._ahead[1][:k]
-            self.ahead_hits += 1
+            self.ahead_hits += bool(drafts)
         self._ahead = None
         dists: list[torch.Tensor] = []
         if len(drafts) < k:
@@ -225,21 +228,26 @@ class Drafter:
         self._proposed = context + drafts if sampler.greedy and k > 0 else None
         return drafts, dists
 
-    def work_ahead(self) -> None:
+    def work_ahead(self, arrived: Callable[[], bool] | None = None) -> None:
         """While the target checks the last proposal: draft the next one on the guess that all of it
-        stands. As many tokens as the next step will want when that guess usually holds (a draft that
-        agrees with the target), else none: a wasted guess would delay reading the reply."""
+        stands, as many tokens as the next step will want. `arrived()` says whether the reply is
+        here (a poll of its socket): drafting stops then, so a wrong guess delays the reply by one
+        draft forward at most, and the guess is always worth trying (the first step's included, when
+        nothing is known of the draft yet). Without it (a reply on libp2p), only a draft whose
+        proposals usually stand works ahead: a wrong guess would delay the reply by all of it."""
         proposed, self._proposed = self._proposed, None
         if proposed is None:
             return
         k = self.policy.choose(peek=True)
         if self.ahead_room is not None:
             k = min(k, self.ahead_room)
-        if k <= 0 or self.policy.acceptance ** (self.policy.last_k + 1) < 0.5:
+        if k <= 0 or (arrived is None and self.policy.acceptance ** (self.policy.last_k + 1) < 0.5):
+            return
+        if arrived is not None and arrived():
             return
         started = time.perf_counter()
-        with torch.inference_mode():
-            guess, _ = self._draft(proposed, k + 1, _GREEDY)  # the bonus token's guess, then k drafts
+        with torch.inference_mode():  # the bonus token's guess, then k drafts
+            guess, _ = self._draft(proposed, k + 1, _GREEDY, stop=arrived)
         self._ahead = (proposed + guess[:1], guess[1:])
         self.ahead_s += time.perf_counter() - started
 

@@ -219,6 +219,31 @@ def test_malformed_and_oversized_frames_over_tls_are_refused_like_over_libp2p(ti
     host_swarm(tiny_llama, SPANS, fn, direct=True)
 
 
+@pytest.mark.parametrize("unix", [False, True], ids=["tls", "unix"])
+def test_a_reply_is_seen_arriving_before_it_is_read(tiny_llama, host_swarm, unix):
+    """input_probe: what a drafting client polls between draft forwards (models/speculative.py)."""
+    async def fn(swarm, whole):
+        if not unix:
+            _tls_only(swarm)
+        stream = await swarm.client.open_stream(swarm.hosts[0].peer_id, config.PROTOCOL_INFERENCE)
+        opened = Opened.from_frame(await stream.request(Open(MODEL, 0, 2, 16).to_frame()))
+        assert stream.input_probe() is None  # libp2p: its bytes share the connection, it cannot say
+        assert await dataplane.dial(swarm.client, stream, opened.direct)
+        probe = stream.input_probe()
+        assert type(stream.stream).__name__ == ("SocketTransport" if unix else "TlsTransport")
+        assert probe is not None and not probe()
+        await stream.send(Step(1, 0, torch.randn(1, 2, H)).to_frame())
+        with trio.fail_after(10):
+            while not probe():  # nothing reads the stream meanwhile: the server computes and answers
+                await trio.sleep(0.01)
+        assert (await stream.recv(timeout_s=10)).type == MsgType.OUTPUT
+        assert not probe()  # read: nothing more has arrived
+        await stream.reset()
+        assert probe()  # closed: a read would return at once
+
+    host_swarm(tiny_llama, SPANS, fn, direct=True)
+
+
 def _transports(swarm) -> list[str]:
     """The transport of each server's client stream, then of each server's relay link."""
     sessions = [sess for srv in swarm.servers for sess in srv.sessions.values()]

@@ -161,21 +161,35 @@ def _plain(ckpt, parts, n=40):
     return run_sync(generation_steps(parts, PROMPT, 0, n, Sampler(Sampling()), set()), chain).token_ids
 
 
+@pytest.mark.parametrize("probe", [None, "at the third poll"])
 @pytest.mark.parametrize("which", ["target", "random"])
-def test_greedy_with_a_draft_is_the_plain_greedy_answer(tiny, random_draft, which):
+def test_greedy_with_a_draft_is_the_plain_greedy_answer(tiny, random_draft, which, probe):
+    """`probe`: the session's poll for the reply (None: a libp2p stream, which cannot say). When the
+    reply "arrives" at the third poll, each work ahead stops after two forwards, the rest of the
+    proposal is drafted after the reply, and the answer is the same."""
     ckpt, parts = tiny
     drafter = _drafter(ckpt if which == "target" else random_draft, adapt=False)
     chain = load_local_chain(ckpt, torch.float32, max_length=256)
+    partial = []
 
     def step(hidden, position):  # as the swarm session does: the draft works ahead once the step is sent
-        drafter.work_ahead()
+        if probe is None:
+            drafter.work_ahead()
+        else:
+            polls = iter([False, False])
+            before = drafter.forwards
+            drafter.work_ahead(lambda: next(polls, True))
+            partial.append(drafter.forwards - before)
         return chain(hidden, position)
 
     r = run_sync(speculative_steps(parts, drafter, PROMPT, 0, 40, Sampler(Sampling()), set(), 256), step)
     assert r.token_ids == _plain(ckpt, parts)
+    if probe is not None:  # steps work ahead, the first too (the poll bounds it), but not past the budget
+        assert partial[0] == 2 and partial[-1] == 0 and set(partial) <= {0, 2}
     if which == "target":
         assert r.accepted == r.drafted > 0 and r.steps < 40 / 3
-        assert drafter.ahead_hits >= r.steps - 2  # every proposal but the first came from working ahead
+        # every proposal but the first came from working ahead (with a poll, the second too)
+        assert drafter.ahead_hits >= r.steps - (1 if probe else 2)
         # one draft forward per token given (the drafts, and the guesses of bonus tokens), and none
         # worked ahead past the last step: the token budget ends the generation there
         assert r.draft_forwards <= len(r.token_ids)

@@ -113,8 +113,8 @@ def test_num_blocks_fills_the_gap_and_dead_servers_expire(smollm2, local_answer)
         time.sleep(4.0)  # record TTL is 2.5 announce periods
         res = cli("route", "--model", "smollm2-135m", "--peers", s.peers[0], "--json", "--solver", "exact")
         assert res.returncode != 0 and "10" in res.stderr  # blocks 10:20 are uncovered again
-        res = cli("chat", "--prompt", PROMPT, "--peers", s.peers[0], "-n", "4", timeout=120)
-        assert res.returncode == 4 and "10:20" in res.stderr
+        res = cli("chat", "--prompt", PROMPT, "--peers", s.peers[0], "-n", "4", "--wait-for-swarm", "1", timeout=120)
+        assert res.returncode == 4 and "10:20" in res.stderr and "waited 1 s" in res.stderr
 
 
 def test_chat_without_peers_is_one_clear_line():

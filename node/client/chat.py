@@ -58,6 +58,7 @@ class ChatOptions:
     prefer: str = config.DEFAULT_PREFER
     identity: str | None = None
     step_timeout: float = config.STEP_TIMEOUT_S
+    coverage_wait: float = config.COVERAGE_WAIT_S  # seconds to wait for the swarm to cover every block
     relay: bool = True
     direct: bool = config.USE_DIRECT  # steps over a server's TLS data plane when offered (node/dataplane.py)
     listen_host: str = config.DEFAULT_LISTEN_HOST  # where the client's host listens
@@ -131,7 +132,8 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents,
     async with host_cm as host, open_directory(host, opts.peers, [model.spec.name], gossip=False) as d:
         host.use_direct = opts.direct
         result, names = await plan_route(host, d, model, opts.solver, opts.prefer, opts.max_length,
-                                         exact_weights=opts.exact_weights, relay=opts.relay, observed=observed)
+                                         coverage_wait_s=opts.coverage_wait, exact_weights=opts.exact_weights,
+                                         relay=opts.relay, observed=observed)
         if opts.show_route:
             events.route(route_lines(result, names))
         replan = make_replan(host, d, model, opts.solver, opts.prefer, opts.max_length, opts.exact_weights,

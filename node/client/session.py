@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from llmswarm.node.client.observed import Observed
 
 RunOutcome = Answered | RelayBroke | HopDown | AllAlive
+# run while a step crosses the chain, given a poll for its reply (or None): Drafter.work_ahead
+WhileWaiting = Callable[[Callable[[], bool] | None], None]
 
 
 class InferenceSession:
@@ -70,10 +72,11 @@ class InferenceSession:
 
     # -- steps -------------------------------------------------------------------------------------
     async def step(self, hidden: torch.Tensor, position: int,
-                   while_waiting: Callable[[], None] | None = None) -> torch.Tensor:
+                   while_waiting: WhileWaiting | None = None) -> torch.Tensor:
         """The chain's output for `hidden` at `position`. `while_waiting` runs once, right after the step
-        is sent (on this thread: the reply waits in the socket meanwhile): a speculative client drafts
-        ahead there (models/speculative.py)."""
+        is sent (on this thread: the reply waits in the socket meanwhile), given a poll that says
+        whether the reply has begun to arrive (None where its stream cannot say): a speculative client
+        drafts ahead there until it has (models/speculative.py)."""
         if self.needs_link:
             await self._link_chain()
         i, recoveries = 0, 0
@@ -113,7 +116,7 @@ class InferenceSession:
         return self.spans[i : j + 1]
 
     async def run(self, run: list[RemoteSpan], hidden: torch.Tensor, position: int,
-                  while_waiting: Callable[[], None] | None = None) -> RunOutcome:
+                  while_waiting: WhileWaiting | None = None) -> RunOutcome:
         """Send a step to run[0]; with more than one span it is relayed to run[-1], which answers."""
         self.seq += 1
         first = run[0]
@@ -130,7 +133,7 @@ class InferenceSession:
             for s in run[1:]:
                 s.relayed(position)
         if while_waiting is not None:
-            while_waiting()
+            while_waiting(run[-1].stream.input_probe())
         outcome = await self.inbox.reply(run[-1], self.seq, run, self.step_timeout_s)
         match outcome:
             case Reply(span=span, frame=reply):

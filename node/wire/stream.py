@@ -16,6 +16,7 @@ same; a decode step simply finds its whole frame there, or waits once for it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -56,6 +57,14 @@ class FramedStream:
         self.stream, self._buf = transport, bytearray(buffered)
         if self._waiting is not None:
             self._waiting.cancel()
+
+    def input_probe(self) -> Callable[[], bool] | None:
+        """A poll that says, without waiting or reading, whether a frame (or a close) has begun to
+        arrive; None where the transport cannot say (a libp2p stream: its bytes share a connection)."""
+        if not self.direct:
+            return None
+        transport = self.stream
+        return lambda: bool(self._buf) or transport.has_input()
 
     def take_buffer(self) -> bytearray:
         """Bytes read past the last frame (handed on with the transport by switch_to)."""

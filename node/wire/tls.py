@@ -51,6 +51,11 @@ class TlsTransport(SocketTransport):
         except ssl.SSLZeroReturnError:
             return b""
 
+    def has_input(self) -> bool:
+        # decrypted bytes OpenSSL holds, or TLS records in the socket (perhaps only a session ticket:
+        # a false "yes" only ends a draft's work ahead early)
+        return self._closed or self.sock.pending() > 0 or super().has_input()
+
     def _send(self, data: memoryview) -> int:
         # all or nothing: OpenSSL's partial-write mode is off, so a record it began is finished by the
         # retry with the same bytes (write() retries from the same place: nothing was counted as sent).
