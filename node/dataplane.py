@@ -59,6 +59,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+UNIX_FOLDER_PREFIX = "llmswarm-dp-"  # then the listening process's pid, "-", and mkdtemp's random part
+
+
+def sweep_stale_folders(parent: str) -> int:
+    """Remove the Unix-socket folders in `parent` that servers killed without cleanup left behind:
+    ours (same user), named after a process that no longer exists, holding nothing but the socket.
+    Returns how many went. A live pid (perhaps reused by another program) keeps its folder."""
+    removed = 0
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        pid_text = entry.name.removeprefix(UNIX_FOLDER_PREFIX).partition("-")[0]
+        if not entry.name.startswith(UNIX_FOLDER_PREFIX) or not pid_text.isdigit():
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            if os.listdir(entry.path) not in ([], ["data-plane"]) or _alive(int(pid_text)):
+                continue
+            shutil.rmtree(entry.path)
+            removed += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
 
 def _server_context() -> tuple[ssl.SSLContext, str]:
     """A fresh self-signed EC P-256 certificate for this process: the TLS server context, and the
@@ -129,7 +166,10 @@ class DataPlane:
         system cannot (the data plane then stays TLS only)."""
         if not hasattr(socket, "AF_UNIX"):
             return None
-        folder = tempfile.mkdtemp(prefix="llmswarm-")  # 0700, a name nobody else could have taken
+        sweep_stale_folders(tempfile.gettempdir())
+        # 0700, a name nobody else could have taken; the pid in it lets a later server remove it if
+        # this process dies without cleaning up (kill -9)
+        folder = tempfile.mkdtemp(prefix=f"{UNIX_FOLDER_PREFIX}{os.getpid()}-")
         path = os.path.join(folder, "data-plane")
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

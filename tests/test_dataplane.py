@@ -9,8 +9,10 @@ Tests of the TLS path turn the Unix socket off (`_tls_only`): on 127.0.0.1 it wo
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import subprocess
 
 import pytest
 import torch
@@ -300,3 +302,19 @@ def test_offer_fields_are_validated():
 def test_certificate_is_pinned_by_hash():
     ctx, cert = dataplane._server_context()
     assert isinstance(ctx, ssl.SSLContext) and len(cert) == 64 and cert != dataplane._server_context()[1]
+
+
+def test_folders_of_killed_servers_are_swept_and_live_ones_kept(tmp_path):
+    """A server killed with -9 leaves its Unix-socket folder; the next server on the host removes it."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folders = {name: tmp_path / name for name in (
+        f"{dataplane.UNIX_FOLDER_PREFIX}{dead.pid}-a1", f"{dataplane.UNIX_FOLDER_PREFIX}{os.getpid()}-b2",
+        f"{dataplane.UNIX_FOLDER_PREFIX}{dead.pid}-c3", f"{dataplane.UNIX_FOLDER_PREFIX}x-d4", "llmswarm-other")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "data-plane").touch()
+    (folders[f"{dataplane.UNIX_FOLDER_PREFIX}{dead.pid}-c3"] / "notes.txt").touch()  # not only the socket
+    assert dataplane.sweep_stale_folders(str(tmp_path)) == 1
+    stale = f"{dataplane.UNIX_FOLDER_PREFIX}{dead.pid}-a1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(folders) - {stale})
