@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from llmswarm.node.dataplane import pid_alive
 from llmswarm.node.errors import NodeError
 
 SUBNET = "10.77.0"  # the switch's /24
@@ -80,20 +81,12 @@ def remove_stale_beds() -> list[str]:
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         m = re.match(rf"({PREFIX}(\d+)b\d+-\S+)", line)
-        if m and not _alive(int(m.group(2))):
+        if m and not pid_alive(int(m.group(2))):
             _ip("netns", "del", m.group(1), check=False)
             removed.append(m.group(1))
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass

@@ -78,7 +78,7 @@ def sweep_stale_folders(parent: str) -> int:
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue
-            if os.listdir(entry.path) not in ([], ["data-plane"]) or _alive(int(pid_text)):
+            if os.listdir(entry.path) not in ([], ["data-plane"]) or pid_alive(int(pid_text)):
                 continue
             shutil.rmtree(entry.path)
             removed += 1
@@ -87,7 +87,8 @@ def sweep_stale_folders(parent: str) -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
