@@ -87,8 +87,6 @@ def remove_stale_beds() -> list[str]:
     return removed
 
 
-
-
 @dataclass
 class Node:
     name: str
