@@ -40,6 +40,7 @@ class GenerationResult:
     # many draft-model forwards ran (those worked ahead included, kept or not)
     phases: dict[str, float] = field(default_factory=dict)
     draft_forwards: int = 0
+    draft_forward_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:

@@ -148,6 +148,7 @@ class Drafter:
         self.token_s = 0.0  # moving average of the draft's compute per token
         self.ahead_hits = 0  # proposals that started from tokens drafted while waiting
         self.forwards = 0  # draft-model forwards run (each gives one draft token's logits)
+        self.forward_s = 0.0  # the seconds they took
         self.ahead_s = 0.0  # seconds spent working ahead (while the target checked a proposal)
         self.drafted = self.accepted = 0  # over every step checked so far, ended generations or not
         self._device = next(parts.parameters()).device
@@ -209,8 +210,10 @@ class Drafter:
                 break
             logits = self._logits([token], len(self.held))
             self.held.append(token)
+        elapsed = time.perf_counter() - started
         self.forwards += len(drafts)
-        per_token = (time.perf_counter() - started) / max(len(drafts), 1)
+        self.forward_s += elapsed
+        per_token = elapsed / max(len(drafts), 1)
         self.token_s = per_token if self.token_s == 0 else 0.7 * self.token_s + 0.3 * per_token
         return drafts, dists
 
@@ -289,7 +292,7 @@ def speculative_steps(client: nn.Module, drafter: Drafter, prompt: list[int], po
     tokens = list(prompt)  # the context: prompt, then every token given so far
     pending = prompt[position:]  # tokens the target's caches do not hold yet (at least one)
     policy = drafter.policy
-    forwards0 = drafter.forwards
+    forwards0, forward_s0 = drafter.forwards, drafter.forward_s
     phases = result.phases = dict.fromkeys(("draft", "ahead", "swarm", "check"), 0.0)
     while True:
         room = min(max_new_tokens - len(result.token_ids) - 1, max_length - position - len(pending))
@@ -316,6 +319,7 @@ def speculative_steps(client: nn.Module, drafter: Drafter, prompt: list[int], po
         phases["swarm"] += step_s - ahead_s  # sending, and waiting for the reply beyond working ahead
         phases["check"] += time.perf_counter() - t2
         result.draft_forwards = drafter.forwards - forwards0
+        result.draft_forward_s = drafter.forward_s - forward_s0
         policy.observe(k, accepted, len(fed), step_s, draft_s)
         drafter.drafted += k
         drafter.accepted += accepted
@@ -357,8 +361,8 @@ def draft_stats(result: GenerationResult, drafter: Drafter) -> dict[str, Any]:
         # checked positions and the check itself
         "ms": {k: round(1000 * v, 1) for k, v in result.phases.items()},
         "draft_forwards": result.draft_forwards,
-        "draft_ms_per_forward": round(1000 * (result.phases.get("draft", 0) + result.phases.get("ahead", 0))
-                                      / result.draft_forwards, 2) if result.draft_forwards else None,
+        "draft_ms_per_forward": round(1000 * result.draft_forward_s / result.draft_forwards, 2)
+                                if result.draft_forwards else None,
     }
 
 
