@@ -102,7 +102,9 @@ class Context:
 class ClientParts(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built around an empty weight: nn.Embedding's own random init on the meta device imports
+        # torch._dynamo (1.1 s at every client start), and the checkpoint's weight replaces it anyway.
+        self.word_embeddings = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size), freeze=False)
         self.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
