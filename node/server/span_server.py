@@ -31,7 +31,7 @@ from llmswarm.node.host import Host
 from llmswarm.node.locks import QuickLock
 from llmswarm.node.server import relay
 from llmswarm.node.server.scheduler import Job, Scheduler
-from llmswarm.node.wire.codec import DTYPES, Frame, MsgType
+from llmswarm.node.wire.codec import Frame, MsgType, torch_dtype
 from llmswarm.node.wire.direct import DirectOffer
 from llmswarm.node.wire.messages import Closed, Error, Open, Opened, Output, Step, seq_or_none
 from llmswarm.node.wire.stream import FramedStream
@@ -137,7 +137,7 @@ class SpanServer:
         peer = stream.remote_peer_id
         span = self._admit(req, peer)
         session = Session(secrets.token_hex(16), span, self.pool.sequence(req.max_length), req.max_length, stream,
-                          DTYPES[req.wire_dtype] if req.wire_dtype else None, req.upstream, peer, req.direct)
+                          torch_dtype(req.wire_dtype) if req.wire_dtype else None, req.upstream, peer, req.direct)
         self.sessions[session.id] = session
         self.stats.sessions += 1
         self.stats.sessions_total += 1

@@ -13,7 +13,8 @@ PeerError instead of returning a short reply. The prefix is validated before any
 read, so an oversized frame is refused without reading (or allocating) its body.
 
 Tensors travel as raw little-endian bytes of a contiguous CPU tensor plus {"dtype", "shape"} in the
-header; never pickle (a peer could run code on us).
+header; never pickle (a peer could run code on us). torch is imported with the first tensor: the
+processes that never carry one (bootstrap, probe, status, route) start 1.4 s sooner without it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from llmswarm.node import config
 from llmswarm.node.errors import WireError
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"LS"
 PREFIX = struct.Struct(">2sBBII")  # magic, version, type, header_len, body_len
@@ -157,19 +160,31 @@ def decode_frame(data: bytes | bytearray) -> Frame:
 # --------------------------------------------------------------------------------------------------
 # Tensors
 # --------------------------------------------------------------------------------------------------
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what a tensor may travel as
+_torch_dtypes: dict[str, torch.dtype] = {}
+_dtype_names: dict[torch.dtype, str] = {}
+
+
+def _dtypes() -> dict[str, torch.dtype]:
+    if not _torch_dtypes:
+        import torch
+
+        _torch_dtypes.update({name: getattr(torch, name) for name in WIRE_DTYPES})
+        _dtype_names.update({v: k for k, v in _torch_dtypes.items()})
+    return _torch_dtypes
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a wire dtype name (KeyError for a name not in WIRE_DTYPES)."""
+    return _dtypes()[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The wire's name of a dtype it can carry (WireError for any other)."""
-    name = _DTYPE_NAMES.get(dtype)
+    _dtypes()
+    name = _dtype_names.get(dtype)
     if name is None:
-        raise WireError(f"dtype {dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
+        raise WireError(f"dtype {dtype} cannot be sent; allowed: {', '.join(WIRE_DTYPES)}")
     return name
 
 
@@ -182,7 +197,9 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
         t = t.detach().cpu()
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.dtype is torch.bfloat16:  # no numpy dtype: view the storage as bytes instead
+    if name == "bfloat16":  # no numpy dtype: view the storage as bytes instead
+        import torch
+
         body = memoryview(t.reshape(-1).view(torch.uint8).numpy())
     else:  # one torch call where the general path takes four (each a cold dispatch on a decode step)
         body = memoryview(t.numpy()).cast("B")
@@ -203,9 +220,9 @@ def decode_tensor(
     """
     if not isinstance(meta, dict):
         raise WireError("tensor meta must be an object with dtype and shape")
-    dtype = DTYPES.get(meta.get("dtype")) if isinstance(meta.get("dtype"), str) else None
+    dtype = _dtypes().get(meta.get("dtype")) if isinstance(meta.get("dtype"), str) else None
     if dtype is None:
-        raise WireError(f"tensor dtype {meta.get('dtype')!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        raise WireError(f"tensor dtype {meta.get('dtype')!r} is not allowed; allowed: {', '.join(WIRE_DTYPES)}")
     shape = meta.get("shape")
     if not isinstance(shape, list) or not 1 <= len(shape) <= config.MAX_TENSOR_RANK:
         raise WireError(f"tensor shape must be a list of 1..{config.MAX_TENSOR_RANK} dims, got {shape!r}")
@@ -223,4 +240,6 @@ def decode_tensor(
         raise WireError(f"tensor body is {view.nbytes} bytes, {meta['dtype']}{shape} needs {nbytes}")
     if view.readonly:
         body = bytearray(view)  # torch.frombuffer warns on (and would alias) read-only memory
+    import torch
+
     return torch.frombuffer(body, dtype=dtype).view(shape)

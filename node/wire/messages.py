@@ -33,13 +33,15 @@ Records (`/llmswarm/records/1`): node/wire/records.py. Ping (`/llmswarm/ping/1`)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from llmswarm.node import config
 from llmswarm.node.errors import ErrorCode, RemoteError, WireError
-from llmswarm.node.wire.codec import DTYPES, Frame, MsgType, decode_tensor, encode_tensor
+from llmswarm.node.wire.codec import WIRE_DTYPES, Frame, MsgType, decode_tensor, encode_tensor
 from llmswarm.node.wire.direct import DirectOffer
+
+if TYPE_CHECKING:
+    import torch
 
 SESSION_ID_CHARS, MAX_PEER_ID_CHARS = 32, 128  # a session id is 16 random bytes, hex
 MAX_ERROR_MESSAGE_CHARS = 1024
@@ -113,8 +115,8 @@ class Open:
         if any(type(v) is not int for v in values):
             raise WireError("OPEN needs integer start, end and max_length")
         wire_dtype, upstream, direct = h.get("wire_dtype"), h.get("upstream"), h.get("direct", True)
-        if wire_dtype is not None and wire_dtype not in DTYPES:
-            raise WireError(f"wire_dtype {wire_dtype!r} is not one of {', '.join(DTYPES)}")
+        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+            raise WireError(f"wire_dtype {wire_dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
         if upstream is not None:
             _peer_id(upstream, "OPEN upstream")
         if type(direct) is not bool:
