@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
+import trio
 from llmswarm.models.precision import relative_error, relative_tolerance
 from llmswarm.node import config
 from llmswarm.node.client.observed import Observed
 from llmswarm.node.client.reputation import Reputation
 from llmswarm.node.client.session import open_session
-from llmswarm.node.client.verify import parse_verify_rate
+from llmswarm.node.client.verify import Verifier, parse_verify_rate
 from llmswarm.node.errors import UsageError
-from llmswarm.routing import ServerInfo, Snapshot, solve
+from llmswarm.routing import Hop, ServerInfo, Snapshot, solve
 
 
 def snapshot() -> Snapshot:
@@ -161,3 +163,27 @@ def test_a_session_times_each_server_alone_for_its_first_decode_steps(tiny_llama
             assert observed.reputation.get(hop.peer_id).observed_rps > 0
 
     host_swarm(tiny_llama, [(0, 3), (3, 6)], check)
+
+
+def test_no_checking_chain_is_routed_where_no_other_server_holds_a_block(monkeypatch):
+    """The default checks in a swarm without spare servers (`demo`, a user's own) cost no route plan:
+    planning one at the end of every first answer made a 7-token answer take twice as long."""
+    import llmswarm.node.client.verify as verify_mod
+
+    planned = []
+
+    async def plan_route(*args, **kw):
+        planned.append(args[6])  # the servers left out
+        return SimpleNamespace(chosen=SimpleNamespace(chain=[Hop("c", 0, 2), Hop("b", 2, 4)])), None
+
+    monkeypatch.setattr(verify_mod, "plan_route", plan_route)
+    chain = [Hop("a", 0, 2), Hop("b", 2, 4)]
+    model = SimpleNamespace(cfg=SimpleNamespace(hidden_size=4, num_blocks=4), dtype=torch.float32)
+    session = SimpleNamespace(chain=chain, bans=SimpleNamespace(active=lambda: set()))
+    verifier = Verifier(None, None, model, session, SimpleNamespace(rtts={}), 0.5, 8, "exact", "balanced", print)
+    held = {h.peer_id: SimpleNamespace(peer_id=h.peer_id, start=h.start, end=h.end) for h in chain}
+    verifier._records = lambda: held
+    assert trio.run(verifier._second_route) is None and planned == []
+    held["c"] = SimpleNamespace(peer_id="c", start=0, end=2)  # a second holder of blocks 0:2
+    assert trio.run(verifier._second_route) == [Hop("c", 0, 2), Hop("b", 2, 4)]
+    assert planned == [frozenset({"a"})]  # a is left out, b (the only holder of 2:4) kept
