@@ -131,7 +131,9 @@ class _FakeStream:
         return out
 
 
-def test_recv_reads_in_pieces_and_detects_truncation():
+def test_recv_reads_in_pieces_and_detects_truncation(monkeypatch):
+    monkeypatch.setattr(config, "FRAME_TIMEOUT_S", 0.5)  # a begun frame's bound (10 s): the stall below
+
     async def main():
         meta, body = encode_tensor(torch.randn(1, 1, 16))
         data = encode_frame(Frame(MsgType.OUTPUT, {"t": meta}, body))
@@ -145,8 +147,10 @@ def test_recv_reads_in_pieces_and_detects_truncation():
             await FramedStream(_FakeStream(data[:-3])).recv(timeout_s=1)
         with pytest.raises(PeerError, match="mid-message"):  # cut inside the prefix
             await FramedStream(_FakeStream(data[:5])).recv(timeout_s=1)
-        with pytest.raises(PeerError, match="within"):  # stalls
+        with pytest.raises(PeerError, match="within 0.50"):  # stalls mid-frame: the begun frame's bound
+            started = trio.current_time()
             await FramedStream(_FakeStream(data[:20], then="hang")).recv(timeout_s=0.2)
+        assert 0.5 <= trio.current_time() - started < 2  # the begun frame's bound, not the first byte's
 
     trio.run(main)
 

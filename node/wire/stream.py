@@ -138,7 +138,8 @@ class FramedStream:
         except _EOFInside as e:
             raise PeerError(f"peer closed the stream mid-message ({e.cause})") from None
         except trio.TooSlowError:
-            raise PeerError(f"peer sent no complete frame within {min(timeout_s, frame_s):g} s") from None
+            bound = frame_s if self._mid_frame else timeout_s
+            raise PeerError(f"peer sent no complete frame within {bound:g} s") from None
         finally:
             self._mid_frame = False
         return Frame(mtype, header, body)
