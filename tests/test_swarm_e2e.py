@@ -38,9 +38,11 @@ def test_chat_through_three_servers_matches_local(swarm, local_answer):
 
 
 def test_chat_goes_over_the_data_plane_and_without_it_matches_too(swarm, local_answer):
-    """Real processes: the client's streams move to the servers' TLS data plane (relay links too, see
-    test_dataplane.py); --no-direct keeps everything on libp2p. Both equal `chat --local`."""
-    for flag, line in ((), "streams: 3 of 3 on the data plane"), (("--no-direct",), "streams: 0 of 3 on"):
+    """Real processes: the client's streams move to the servers' data plane, over its Unix socket since
+    they share this host (relay links too; TLS across hosts: test_dataplane.py); --no-direct keeps
+    everything on libp2p. Both equal `chat --local`."""
+    for flag, line in (((), "streams: 3 of 3 on the data plane (3 over Unix socket)"),
+                       (("--no-direct",), "streams: 0 of 3 on")):
         res = cli("chat", "--prompt", PROMPT, "--json", "-n", "24", "--peers", swarm.peers[0], "--show-route", *flag)
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["token_ids"] == local_answer["token_ids"]

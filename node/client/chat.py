@@ -10,6 +10,7 @@ second thread would only add a hand-off and GIL contention to every token).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -145,9 +146,11 @@ async def _swarm_chat(opts: ChatOptions, model: ClientModel, events: ChatEvents,
                                     wire_dtype=wire_dtype(opts.wire_dtype)) as session:
                 session.observer = observed
                 if opts.show_route:
-                    direct = sum(s.stream.direct for s in session.spans)
-                    events.route([f"streams: {direct} of {len(session.spans)} on the data plane (TLS), "
-                                  f"{len(session.spans) - direct} on libp2p"])
+                    paths = Counter(s.stream.path for s in session.spans)
+                    direct = len(session.spans) - paths.pop("libp2p", 0)
+                    how = ", ".join(f"{n} over {path}" for path, n in sorted(paths.items()))
+                    events.route([f"streams: {direct} of {len(session.spans)} on the data plane"
+                                  + (f" ({how})" if how else "") + f", {len(session.spans) - direct} on libp2p"])
                 # with a draft, the draft works ahead while each step crosses the swarm
                 step: StepFn = session.step if drafter is None else partial(session.step,
                                                                              while_waiting=drafter.work_ahead)

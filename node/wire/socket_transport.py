@@ -36,6 +36,8 @@ class SocketTransport:
     closed with the transport). `read_nowait`, `try_write` and `wait_readable` let a FramedStream
     skip the waits (and their deadline scopes) when no wait is needed."""
 
+    kind = "Unix socket"  # what `chat --show-route` calls the path (the data plane's other one is TLS)
+
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock

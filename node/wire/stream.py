@@ -48,6 +48,11 @@ class FramedStream:
         """Frames travel over the data plane (a direct TLS connection), not libp2p."""
         return self.stream is not self.libp2p
 
+    @property
+    def path(self) -> str:
+        """What frames travel over: "libp2p", "TLS" or "Unix socket"."""
+        return getattr(self.stream, "kind", "data plane") if self.direct else "libp2p"
+
     def switch_to(self, transport: Any, buffered: bytes | bytearray = b"") -> None:
         """From the next frame on, read and write over `transport` (`buffered`: bytes already read from
         it). Only between frames, once, on an open stream; a recv() waiting for a first byte is woken

@@ -18,6 +18,8 @@ from llmswarm.node.wire.socket_transport import SocketTransport
 class TlsTransport(SocketTransport):
     """SocketTransport over TLS on a connected TCP socket `sock`, after `handshake()`."""
 
+    kind = "TLS"
+
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
