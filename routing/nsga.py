@@ -53,6 +53,7 @@ LOCAL_RATE = 0.3  # share of offspring given the memetic segment re-route
 LOCAL_HOPS = 5  # longest run of consecutive hops it may replace (never the whole chain)
 LIFT_RATE = 0.3  # share of mutations that lift the chain's bottleneck to the next throughput level
 FROM_ARCHIVE = 0.5  # share of offspring replaced by an archive chain before mutation
+MATING_TRIES = 5  # rounds of mating to fill a generation with new chains (pymoo's default: 100)
 
 
 class ChainProblem(Problem):
@@ -347,6 +348,10 @@ def nsga2_front(g: ChainGraph, *, objectives: tuple[str, ...] = ("latency", "thr
     mutation = ChainMutation(hold, local, local_hops, lift, from_archive, arch)
     algo = NSGA2(pop_size=pop_size, sampling=sample(g, pop_size, rng, seeded), eliminate_duplicates=True,
                  crossover=TwoPointCrossover(), mutation=mutation)
+    # pymoo re-mates up to 100 times to fill a generation with chains not seen before. A small swarm
+    # has few chains, and those retries took 1-2 s of a 3-server chat's start for 2 generations;
+    # where chains are plenty the first tries fill it anyway.
+    algo.mating.n_max_iterations = MATING_TRIES
     algo.setup(problem, termination=("n_gen", n_gen), seed=seed, verbose=False)
     last = time.perf_counter()
     while algo.has_next():

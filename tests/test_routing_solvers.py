@@ -236,3 +236,19 @@ def test_nsga2_without_local_search_or_archive_still_valid():
     res = solve(snap, "nsga2", generations=20, time_budget_s=None,
                 nsga_options={"local": 0.0, "archive": False, "from_archive": 0.0})
     assert res.details["local_search"] == "none" and all(_valid(r, snap) for r in res.front)
+
+
+def test_nsga2_gives_up_quickly_on_a_swarm_with_few_chains(monkeypatch):
+    """pymoo re-mates up to 100 times per generation looking for chains it has not seen; a 3-server
+    swarm has one chain, and those retries made every chat's route take 1-2 s. Now a few rounds."""
+    import llmswarm.routing.nsga as nsga
+
+    calls = []
+    real = nsga.ChainMutation._do
+    monkeypatch.setattr(nsga.ChainMutation, "_do", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    servers = [ServerInfo(f"peer{i}", 10 * i, 10 * i + 10, inference_rps=50.0, throughput=100.0,
+                          cache_tokens_left=10_000, rtt_s=0.001) for i in range(3)]
+    res = solve(Snapshot(num_blocks=30, servers=servers), "nsga2", time_budget_s=None, generations=50)
+    assert [h.peer_id for h in res.chosen.chain] == ["peer0", "peer1", "peer2"]
+    assert res.details["generations"] <= 3  # nothing new to find: the run ends
+    assert len(calls) <= 15, len(calls)  # pymoo's own default retries: 100 rounds
