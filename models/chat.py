@@ -7,47 +7,15 @@ differently), the next step is sent at the first differing position and the cach
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .errors import CheckpointError, LengthError
+from .errors import LengthError
 from .generate import GenerationResult, Sampler, Steps, generation_steps
 
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
-
-
-# Tokenizer classes that are the `tokenizers` library with nothing model-specific on top. They are
-# loaded through that class at once: AutoTokenizer first imports the model's configuration module,
-# and with it much of transformers' modelling code and torch._dynamo, which made every `chat` and
-# `api` start 1.6 s slower. Any other class (BloomTokenizerFast, LlamaTokenizer, ...) goes through
-# AutoTokenizer, which knows its quirks.
-PLAIN_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
-
-
-def tokenizer_class(folder: Path) -> str | None:
-    """The class tokenizer_config.json names, or None where there is none to read."""
-    try:
-        cls = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return cls if isinstance(cls, str) else None
-
-
-def load_tokenizer(folder: Path) -> Any:
-    try:
-        if tokenizer_class(folder) in PLAIN_TOKENIZER_CLASSES and (folder / "tokenizer.json").is_file():
-            from transformers import PreTrainedTokenizerFast
-
-            return PreTrainedTokenizerFast.from_pretrained(str(folder))
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:
-        raise CheckpointError(f"cannot load the tokenizer from {folder} ({type(e).__name__}: {e})") from None
 
 
 def stop_ids(tokenizer: Any, cfg: ModelConfig) -> set[int]:

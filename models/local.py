@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .chat import load_tokenizer, stop_ids
+from .chat import stop_ids
 from .checkpoint import Checkpoint, Progress, _noop
 from .config import ModelConfig
 from .fetch import locate
 from .kv_cache import KVCache
 from .registry import ModelSpec
 from .span import Span, load_client, load_span
+from .tokenizer import load_tokenizer
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Tokenizers: a plain `tokenizers` tokenizer is loaded through its class, skipping AutoTokenizer's
-model imports, and gives exactly what AutoTokenizer gives; any other class still takes AutoTokenizer."""
+"""Tokenizers: a plain `tokenizers` tokenizer is read without transformers (models/tokenizer.py) and
+gives exactly what transformers' AutoTokenizer gives; anything transformers changes on top of the
+backend still goes through AutoTokenizer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import shutil
 import subprocess
 import sys
 
-from llmswarm.models.chat import Conversation, TextStream, load_tokenizer, tokenizer_class
+import pytest
+from llmswarm.models.chat import Conversation, TextStream
+from llmswarm.models.tokenizer import PlainTokenizer, load_tokenizer, tokenizer_class
 from transformers import AutoTokenizer
 
 TURNS = [
@@ -33,7 +36,12 @@ def _prompts(tok) -> list[list[int]]:
 def test_the_built_in_tokenizer_is_loaded_plainly_and_equals_autotokenizer(smollm2):
     assert tokenizer_class(smollm2) in ("TokenizersBackend", "PreTrainedTokenizerFast")
     ours, auto = load_tokenizer(smollm2), AutoTokenizer.from_pretrained(str(smollm2))
+    assert isinstance(ours, PlainTokenizer) and ours.special_tokens_map == auto.special_tokens_map
     assert _prompts(ours) == _prompts(auto)
+    messages = [{"role": r, "content": c} for r, c in TURNS]
+    for gen in (True, False):
+        assert ours.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False) == \
+            auto.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
     text = TURNS[3][1]
     assert ours(text)["input_ids"] == auto(text)["input_ids"]
     assert ours.get_vocab() == auto.get_vocab() and ours.eos_token_id == auto.eos_token_id
@@ -43,25 +51,45 @@ def test_the_built_in_tokenizer_is_loaded_plainly_and_equals_autotokenizer(smoll
     assert "".join(streamed.add(i) for i in ids) == streamed.text == auto.decode(ids, skip_special_tokens=True)
 
 
-def test_loading_the_built_in_tokenizer_imports_no_model_code(smollm2):
-    """What the plain path is for: `chat` starts without transformers' modelling imports (1.6 s)."""
-    probe = ("import sys; from pathlib import Path; from llmswarm.models.chat import load_tokenizer; "
+def test_loading_the_built_in_tokenizer_imports_no_transformers(smollm2):
+    """What the plain path is for: `chat` starts 1.7 s sooner without transformers."""
+    probe = ("import sys; from pathlib import Path; from llmswarm.models.tokenizer import load_tokenizer; "
              f"load_tokenizer(Path({str(smollm2)!r})); "
-             "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') or m == 'torch._dynamo'))")
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch')))")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.replace("'", '"')) == []
 
 
-def test_another_tokenizer_class_goes_through_autotokenizer(smollm2, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", [{"tokenizer_class": "GPT2TokenizerFast"}, {"add_bos_token": True},
+                                    {"clean_up_tokenization_spaces": True}, {"chat_template": "generation"}])
+def test_what_transformers_changes_on_top_goes_through_autotokenizer(smollm2, tmp_path, monkeypatch, change):
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         shutil.copy(smollm2 / name, tmp_path / name)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2TokenizerFast"}))
+    if change.get("chat_template") == "generation":  # a template marking what the assistant generated
+        (tmp_path / "chat_template.jinja").write_text(
+            "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}")
+    else:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, **change}))
     seen = []
     real = AutoTokenizer.from_pretrained
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: seen.append(a) or real(*a, **k))
     tok = load_tokenizer(tmp_path)
-    assert seen and tok("Paris")["input_ids"] == load_tokenizer(smollm2)("Paris")["input_ids"]
+    assert seen and not isinstance(tok, PlainTokenizer)
+    assert tok("Paris")["input_ids"][-1] == load_tokenizer(smollm2)("Paris")["input_ids"][-1]
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     assert tokenizer_class(tmp_path) is None
+
+
+def test_a_chat_template_cannot_reach_python_internals(smollm2, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages.__class__.__mro__ }}")
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, PlainTokenizer)
+    with pytest.raises(Exception, match="unsafe|access"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    (tmp_path / "chat_template.jinja").write_text("{% set ns = namespace(_x=1) %}{{ raise_exception('no') }}")
+    with pytest.raises(Exception, match="namespace|cannot set"):
+        load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
