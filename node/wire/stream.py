@@ -45,7 +45,7 @@ class FramedStream:
 
     @property
     def direct(self) -> bool:
-        """Frames travel over the data plane (a direct TLS connection), not libp2p."""
+        """Frames travel over the data plane (TLS, or the Unix socket on one host), not libp2p."""
         return self.stream is not self.libp2p
 
     @property
