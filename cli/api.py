@@ -44,6 +44,10 @@ def api(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a live
     swarm page (/) until Ctrl-C. Prints the URL on its first line."""
+    from llmswarm.node.errors import NoPeersError
+
+    if not split_peers(peers):
+        raise NoPeersError()
     from llmswarm.node.api.serve import ApiOptions, load_draft, load_model, run_api
     from llmswarm.node.api.sessions import BackendOptions
 

@@ -62,6 +62,10 @@ def chat(
                                          "`off`: no checks."),
 ) -> None:
     """Chat with a model: streamed, greedy by default; interactive unless --prompt is given."""
+    from llmswarm.node.errors import NoPeersError
+
+    if not local and not split_peers(peers):
+        raise NoPeersError()
     from llmswarm.node.client.chat import ChatOptions
 
     opts = ChatOptions(model=model, prompt=prompt, local=local, max_new_tokens=max_new_tokens,

@@ -46,6 +46,14 @@ class UsageError(NodeError):
     """Options that cannot work together or with this model (exit code 2, like a bad flag)."""
 
 
+class NoPeersError(NodeError):
+    """No bootstrap address given: raised by the CLI before it loads anything (a 3 s wait otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__("no peers to join: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) "
+                         "or set LLMSWARM_PEERS")
+
+
 class DuplicatePeerError(NodeError):
     """Another live process uses this process's peer id (one key file in two places)."""
 

@@ -120,8 +120,10 @@ def test_num_blocks_fills_the_gap_and_dead_servers_expire(smollm2, local_answer)
 
 
 def test_chat_without_peers_is_one_clear_line():
-    res = cli("chat", "--prompt", "hi", timeout=60)
-    assert res.returncode == 4 and "--peers" in res.stderr and "Traceback" not in res.stderr
+    for args in (("chat", "--prompt", "hi"), ("api",)):  # said before anything loads
+        res = subprocess.run(llmswarm_command(*args), capture_output=True, text=True, timeout=60,
+                             env={k: v for k, v in os.environ.items() if k != "LLMSWARM_PEERS"})
+        assert res.returncode == 4 and "no peers to join" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_demo_answers(smollm2):

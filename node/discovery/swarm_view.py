@@ -9,7 +9,7 @@ import trio
 from llmswarm.node import config
 from llmswarm.node.discovery.directory import is_live
 from llmswarm.node.discovery.records import ServerRecord
-from llmswarm.node.errors import NodeError, PeerError, UsageError
+from llmswarm.node.errors import NodeError, NoPeersError, PeerError, UsageError
 from llmswarm.node.host import Host, parse_peer_addr
 from llmswarm.routing import ServerInfo, Snapshot
 
@@ -17,8 +17,7 @@ from llmswarm.routing import ServerInfo, Snapshot
 def require_peers(peers: list[str]) -> None:
     """At least one --peers address, and every one of them well-formed (named when it is not)."""
     if not peers:
-        raise NodeError("no peers to join: pass --peers MULTIADDR (printed by `llmswarm bootstrap`) "
-                        "or set LLMSWARM_PEERS")
+        raise NoPeersError()
     for addr in peers:
         try:
             parse_peer_addr(addr)
