@@ -161,16 +161,20 @@ def decode_frame(data: bytes | bytearray) -> Frame:
 # Tensors
 # --------------------------------------------------------------------------------------------------
 WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what a tensor may travel as
+_torch: Any = None  # the torch module, once the first tensor has come by
 _torch_dtypes: dict[str, torch.dtype] = {}
 _dtype_names: dict[torch.dtype, str] = {}
 
 
 def _dtypes() -> dict[str, torch.dtype]:
-    if not _torch_dtypes:
+    """The wire's dtypes by name; imports torch the first time (once per process, not per step)."""
+    global _torch
+    if _torch is None:
         import torch
 
         _torch_dtypes.update({name: getattr(torch, name) for name in WIRE_DTYPES})
         _dtype_names.update({v: k for k, v in _torch_dtypes.items()})
+        _torch = torch
     return _torch_dtypes
 
 
@@ -198,9 +202,7 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
     if not t.is_contiguous():
         t = t.contiguous()
     if name == "bfloat16":  # no numpy dtype: view the storage as bytes instead
-        import torch
-
-        body = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        body = memoryview(t.reshape(-1).view(_torch.uint8).numpy())
     else:  # one torch call where the general path takes four (each a cold dispatch on a decode step)
         body = memoryview(t.numpy()).cast("B")
     return {"dtype": name, "shape": list(t.shape)}, body
@@ -240,6 +242,4 @@ def decode_tensor(
         raise WireError(f"tensor body is {view.nbytes} bytes, {meta['dtype']}{shape} needs {nbytes}")
     if view.readonly:
         body = bytearray(view)  # torch.frombuffer warns on (and would alias) read-only memory
-    import torch
-
-    return torch.frombuffer(body, dtype=dtype).view(shape)
+    return _torch.frombuffer(body, dtype=dtype).view(shape)
