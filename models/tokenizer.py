@@ -40,12 +40,6 @@ def load_tokenizer(folder: Path) -> Any:
         raise CheckpointError(f"cannot load the tokenizer from {folder} ({type(e).__name__}: {e})") from None
 
 
-def tokenizer_class(folder: Path) -> str | None:
-    """The class tokenizer_config.json names, or None where there is none to read."""
-    cls = _read_json(folder / "tokenizer_config.json").get("tokenizer_class")
-    return cls if isinstance(cls, str) else None
-
-
 class PlainTokenizer:
     """A `tokenizers.Tokenizer` with the special tokens and chat template of its folder."""
 

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 from llmswarm.models.chat import Conversation, TextStream
-from llmswarm.models.tokenizer import PlainTokenizer, load_tokenizer, tokenizer_class
+from llmswarm.models.errors import CheckpointError
+from llmswarm.models.tokenizer import PlainTokenizer, load_tokenizer
 from transformers import AutoTokenizer
 
 TURNS = [
@@ -34,7 +35,8 @@ def _prompts(tok) -> list[list[int]]:
 
 
 def test_the_built_in_tokenizer_is_loaded_plainly_and_equals_autotokenizer(smollm2):
-    assert tokenizer_class(smollm2) in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    cls = json.loads((smollm2 / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
     ours, auto = load_tokenizer(smollm2), AutoTokenizer.from_pretrained(str(smollm2))
     assert isinstance(ours, PlainTokenizer) and ours.special_tokens_map == auto.special_tokens_map
     assert _prompts(ours) == _prompts(auto)
@@ -78,8 +80,9 @@ def test_what_transformers_changes_on_top_goes_through_autotokenizer(smollm2, tm
     tok = load_tokenizer(tmp_path)
     assert seen and not isinstance(tok, PlainTokenizer)
     assert tok("Paris")["input_ids"][-1] == load_tokenizer(smollm2)("Paris")["input_ids"][-1]
-    (tmp_path / "tokenizer_config.json").write_text("{not json")
-    assert tokenizer_class(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text("{not json")  # nobody can read it: one clear error
+    with pytest.raises(CheckpointError, match="cannot load the tokenizer"):
+        load_tokenizer(tmp_path)
 
 
 def test_a_chat_template_cannot_reach_python_internals(smollm2, tmp_path):
