@@ -62,7 +62,7 @@ class PlainTokenizer:
         if any(v is None for v in special.values()):
             return None
         template = _chat_template(folder, cfg)
-        if template is False or (template and "generation" in template and "endgeneration" in template):
+        if template is False or (template and "endgeneration" in template):
             return None
         import jinja2
         from tokenizers import Tokenizer
@@ -71,7 +71,10 @@ class PlainTokenizer:
             return None  # older sandboxes have known escapes: transformers says so itself
 
         backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        added = {int(i): _token_text(t) for i, t in (cfg.get("added_tokens_decoder") or {}).items()}
+        try:
+            added = {int(i): _token_text(t) for i, t in (cfg.get("added_tokens_decoder") or {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            return None  # a form only transformers reads
         if any(backend.id_to_token(i) != text for i, text in added.items()):
             return None  # tokens the config adds that tokenizer.json lacks: transformers adds them
         if any(backend.token_to_id(text) is None for text in special.values()):

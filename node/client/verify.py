@@ -334,9 +334,9 @@ class Verifier:
         banned = set(self.session.bans.active())
         others = [r for r in self._records().values() if r.peer_id not in primary | banned]
         covered = [any(r.start <= b < r.end for r in others) for b in range(self.model.cfg.num_blocks)]
-        needed = {h.peer_id for h in self.session.chain if not all(covered[h.start : h.end])}
         if not any(covered):  # no other server holds any block: routing could only give the chain back
             return None
+        needed = {h.peer_id for h in self.session.chain if not all(covered[h.start : h.end])}
         try:
             result, _ = await plan_route(self.host, self.directory, self.model, self.solver, self.prefer,
                                          self.max_length, frozenset(banned | (primary - needed)), coverage_wait_s=0.0,
