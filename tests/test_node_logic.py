@@ -194,7 +194,8 @@ def test_scheduler_refuses_only_the_job_without_room(span):
 
             async def run(name, seq, position, tokens):
                 try:
-                    results[name] = await scheduler.run(Job(name, span, seq, torch.randn(1, tokens, 64), position))
+                    job = Job(name, span, seq, torch.randn(1, tokens, 64), position, tokens)
+                    results[name] = await scheduler.run(job)
                 except CacheFullError as e:
                     results[name] = e
 
@@ -221,7 +222,7 @@ def test_scheduler_batches_sessions_at_a_slow_steady_pace(span):
         for position in range(4):
             await trio.sleep_until(2.0 * (position + 1) + late_s)
             sent = trio.current_time()
-            await scheduler.run(Job(name, span, seqs[name], torch.randn(1, 1, 64), position))
+            await scheduler.run(Job(name, span, seqs[name], torch.randn(1, 1, 64), position, 1))
             if name == "a":
                 waited.append(round(trio.current_time() - sent, 4))
 
@@ -250,13 +251,13 @@ def test_a_session_that_stopped_stepping_is_not_waited_for(span):
     async def first() -> None:
         for position in range(5):
             await trio.sleep_until(0.02 * (position + 1))
-            await scheduler.run(Job("a", span, seqs["a"], torch.randn(1, 1, 64), position))
+            await scheduler.run(Job("a", span, seqs["a"], torch.randn(1, 1, 64), position, 1))
 
     async def second() -> None:
         for position in range(3):
             await trio.sleep_until(0.3 + 0.02 * position)
             sent = trio.current_time()
-            await scheduler.run(Job("b", span, seqs["b"], torch.randn(1, 1, 64), position))
+            await scheduler.run(Job("b", span, seqs["b"], torch.randn(1, 1, 64), position, 1))
             waited.append(round(trio.current_time() - sent, 4))
 
     async def main():
@@ -410,14 +411,14 @@ def test_a_lone_step_runs_in_its_handler_and_a_step_with_company_waits_for_the_b
 
     async def main():
         with trio.fail_after(5):
-            out = await scheduler.run(Job("a", span, a, torch.randn(1, 1, 64), 0))
+            out = await scheduler.run(Job("a", span, a, torch.randn(1, 1, 64), 0, 1))
         assert out.shape == (1, 1, 64) and scheduler.stats.batches == 1
         with trio.move_on_after(5) as waiting:  # "a" stepped just now: b's step waits for the scheduler
-            await scheduler.run(Job("b", span, b, torch.randn(1, 1, 64), 0))
+            await scheduler.run(Job("b", span, b, torch.randn(1, 1, 64), 0, 1))
         assert waiting.cancelled_caught and scheduler.stats.batches == 1
         async with trio.open_nursery() as nursery:
             nursery.start_soon(scheduler.serve)
-            await scheduler.run(Job("b", span, b, torch.randn(1, 1, 64), 0))
+            await scheduler.run(Job("b", span, b, torch.randn(1, 1, 64), 0, 1))
             nursery.cancel_scope.cancel()
         assert scheduler.stats.batches == 2
 

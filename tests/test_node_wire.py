@@ -1,5 +1,6 @@
 """Wire codec and framed stream: round trips and every malformed input -> WireError."""
 
+import json
 import struct
 
 import pytest
@@ -16,7 +17,7 @@ from llmswarm.node.wire.codec import (
     encode_frame,
     encode_tensor,
 )
-from llmswarm.node.wire.messages import Error
+from llmswarm.node.wire.messages import Error, Output, Step
 from llmswarm.node.wire.stream import FramedStream
 
 
@@ -40,10 +41,41 @@ def test_non_contiguous_and_1d():
 
 
 def test_encode_refuses_other_dtypes():
-    with pytest.raises(WireError):
-        encode_tensor(torch.ones(2, dtype=torch.int64))
-    with pytest.raises(WireError):
-        encode_tensor(torch.tensor(1.0))
+    for t in (torch.ones(2, dtype=torch.int64), torch.ones(2, dtype=torch.float64), torch.tensor(1.0)):
+        with pytest.raises(WireError):
+            encode_tensor(t)
+
+
+def test_tensors_the_fast_path_cannot_take_still_travel():
+    # encode_tensor takes a decode step's tensor with one torch call and hands anything else to the
+    # general path: a tensor that needs grad, a strided view, an expanded one
+    for t in (torch.randn(1, 2, 8, requires_grad=True), torch.randn(1, 4, 8)[:, ::2],
+              torch.randn(1, 1, 8).expand(1, 3, 8)):
+        meta, body = encode_tensor(t)
+        assert meta == {"dtype": "float32", "shape": list(t.shape)}
+        assert torch.equal(decode_tensor(meta, bytearray(body)), t.detach())
+
+
+def test_a_received_tensor_shares_the_frame_body():
+    body = bytearray(encode_tensor(torch.zeros(1, 1, 4))[1])
+    t = decode_tensor({"dtype": "float32", "shape": [1, 1, 4]}, body)
+    body[:4] = struct.pack("<f", 2.5)
+    assert t[0, 0, 0].item() == 2.5  # zero-copy: no second copy of every step's hidden states
+
+
+@pytest.mark.parametrize("message", [
+    Step(3, 9, torch.randn(1, 2, 8)),
+    Step(2**53 - 1, 4095, torch.randn(1, 1, 8).to(torch.bfloat16), relay=True),
+    Output(5, torch.randn(1, 1, 8).to(torch.float16)),
+    Output(6, torch.randn(1, 3, 8), relay_failed='next server said "no"\n'),
+    Step(1, 0, torch.randn(2, 8)),  # another rank: json writes it
+])
+def test_step_and_output_headers_are_the_json_encoder_s(message):
+    frame = message.to_frame()
+    expected = json.dumps(frame.header, separators=(",", ":")).encode()
+    assert frame.header_json in (None, expected)
+    assert encode_frame(frame)[PREFIX.size :].startswith(expected)
+    assert decode_frame(bytearray(encode_frame(frame))).header == frame.header
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,7 @@ class InferenceSession:
                   while_waiting: WhileWaiting | None = None) -> RunOutcome:
         """Send a step to run[0]; with more than one span it is relayed to run[-1], which answers."""
         self.seq += 1
-        first = run[0]
+        first, tokens = run[0], hidden.shape[1]  # asked once: each torch call after the reply is a cold one
         wire = hidden if hidden.dtype == self.wire_dtype and hidden.is_contiguous() else \
             hidden.to(self.wire_dtype).contiguous()
         frame = Step(self.seq, position, wire, relay=len(run) > 1).to_frame()
@@ -138,10 +138,10 @@ class InferenceSession:
         match outcome:
             case Reply(span=span, frame=reply):
                 try:
-                    answered = Answered(self._output(reply, hidden.shape[1]))
+                    answered = Answered(self._output(reply, tokens))
                 except WireError as e:
                     return HopDown(span, PeerError(f"server {span.name} sent a bad output: {e}"))
-                if self.observer is not None and len(run) == 1 and hidden.shape[1] == 1:
+                if self.observer is not None and len(run) == 1 and tokens == 1:
                     self.observer.sample(first.hop, time.perf_counter() - started)
                 return answered
             case HopDown() | RelayBroke():

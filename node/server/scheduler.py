@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import trio
@@ -34,7 +34,8 @@ class Job:
     cache: PagedSequence
     hidden: torch.Tensor  # [1, T, hidden]
     position: int
-    done: trio.Event = field(default_factory=trio.Event)
+    tokens: int  # T (asking the tensor costs a cold torch call per use on the decode path)
+    done: trio.Event | None = None  # made when the job is queued (one computed alone needs none)
     out: torch.Tensor | None = None
     error: BaseException | None = None
     cancelled: bool = False  # the session closed before its step ran: skip it
@@ -87,11 +88,12 @@ class Scheduler:
         anyway, and a one-token step has no other session stepping lately to batch with."""
         if self.pending:
             return False
-        if job.hidden.shape[1] != 1 or self.window_s <= 0:
+        if job.tokens != 1 or self.window_s <= 0:
             return True
         return not any(o is not job.owner for o in self._expected(trio.current_time()))
 
     async def _queued(self, job: Job) -> None:
+        job.done = trio.Event()
         self.pending.append(job)
         self._arrived.set()
         try:
@@ -134,7 +136,7 @@ class Scheduler:
 
     async def _gather(self) -> None:
         """Wait briefly for the steps of other recently active sessions, when there are any."""
-        if self.window_s <= 0 or self.pending[0].hidden.shape[1] != 1:
+        if self.window_s <= 0 or self.pending[0].tokens != 1:
             return
         now = trio.current_time()
         expected = self._expected(now)
@@ -158,11 +160,12 @@ class Scheduler:
         ready = []
         for j in batch:
             try:
-                j.cache.reserve(j.position, j.hidden.shape[1])
+                j.cache.reserve(j.position, j.tokens)
                 ready.append(j)
             except CacheError as e:
                 j.error = e
-                j.done.set()
+                if j.done is not None:
+                    j.done.set()
         return ready
 
     def _take(self) -> list[Job]:
@@ -170,12 +173,12 @@ class Scheduler:
         if not self.pending:
             return []
         first = self.pending[0]
-        if first.hidden.shape[1] != 1:
+        if first.tokens != 1:
             batch = [first]
         else:
             key = (first.span.start, first.span.end)
             batch = [j for j in self.pending
-                     if j.hidden.shape[1] == 1 and (j.span.start, j.span.end) == key][: self.max_batch]
+                     if j.tokens == 1 and (j.span.start, j.span.end) == key][: self.max_batch]
         taken = set(map(id, batch))
         self.pending = [j for j in self.pending if id(j) not in taken]
         return batch
@@ -207,7 +210,8 @@ class Scheduler:
                 j.error = e
         elapsed = time.perf_counter() - started
         for j in batch:
-            j.done.set()
+            if j.done is not None:
+                j.done.set()
         s = self.stats
         s.batches += 1
         s.largest_batch = max(s.largest_batch, len(batch))
@@ -227,7 +231,7 @@ class Scheduler:
                 if last is None or gap <= 4 * last:  # a longer gap is a pause (a chat's reader), not its pace
                     self.cadence[j.owner] = gap if last is None else 0.7 * last + 0.3 * gap
             self.last_active[j.owner] = now
-            tokens += j.hidden.shape[1]
+            tokens += j.tokens
         self.on_step(len(batch), tokens)
         if self.on_compute is not None and not any(j.error for j in batch):
             self.on_compute(len(batch), tokens, batch[0].span.num_blocks, elapsed)

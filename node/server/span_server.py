@@ -228,14 +228,16 @@ class SpanServer:
             self.stats.errors += 1
             await session.send(Error(ErrorCode.BAD_REQUEST, str(e), seq_or_none(frame)).to_frame())
             return
-        share = self._over_share(session, step.position + step.hidden.shape[1])
+        tokens = step.hidden.shape[1]
+        share = self._over_share(session, step.position + tokens)
         if share is not None:
             self.stats.errors += 1
             await session.send(Error(ErrorCode.CACHE_FULL, share, step.seq).to_frame())
             return
         session.stepped = True
         try:
-            out = await self.scheduler.run(Job(session, session.span, session.cache, step.hidden, step.position))
+            out = await self.scheduler.run(Job(session, session.span, session.cache, step.hidden, step.position,
+                                                  tokens))
         except CacheError as e:  # the step cannot be taken; the session stays usable
             self.stats.errors += 1
             await session.send(Error(_CACHE_CODES.get(type(e), ErrorCode.BAD_REQUEST), str(e), step.seq).to_frame())

@@ -87,6 +87,10 @@ class Frame:
     type: MsgType
     header: dict[str, Any] = field(default_factory=dict)
     body: bytes | bytearray | memoryview = b""
+    # `header` as the compact JSON encode_frame would write, when the message wrote it itself: STEP and
+    # OUTPUT do, from a template (json's encoder is ~30 us of a decode step's critical path per frame
+    # on a cold cache, a template ~5). Sent frames only: a received frame's is None.
+    header_json: bytes | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,7 +98,9 @@ class Frame:
 # --------------------------------------------------------------------------------------------------
 def encode_frame(frame: Frame) -> bytes:
     """One contiguous buffer (prefix + header + body), so a frame is sent with one write."""
-    header = _HEADER_ENCODER.encode(frame.header).encode() if frame.header else b""
+    header = frame.header_json
+    if header is None:
+        header = _HEADER_ENCODER.encode(frame.header).encode() if frame.header else b""
     if len(header) > config.MAX_HEADER_BYTES:
         raise WireError(f"frame header is {len(header)} bytes, above the {config.MAX_HEADER_BYTES} limit")
     body_len = memoryview(frame.body).nbytes
@@ -164,17 +170,27 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what a tensor may travel as
 _torch: Any = None  # the torch module, once the first tensor has come by
 _torch_dtypes: dict[str, torch.dtype] = {}
 _dtype_names: dict[torch.dtype, str] = {}
+# name -> (numpy dtype of the same width, torch dtype to view it as or None): a received tensor is a
+# numpy array over the body, handed to torch (numpy has no bfloat16: its bytes go as int16, then a view)
+_numpy_views: dict[str, tuple[Any, Any]] = {}
+_np_array: Any = None  # numpy.ndarray, with torch
+_numpy_names: dict[Any, str] = {}  # numpy dtype -> wire name, where numpy has the dtype
 
 
 def _dtypes() -> dict[str, torch.dtype]:
     """The wire's dtypes by name; imports torch the first time (once per process, not per step)."""
-    global _torch
+    global _torch, _np_array
     if _torch is None:
+        import numpy
         import torch
 
         _torch_dtypes.update({name: getattr(torch, name) for name in WIRE_DTYPES})
         _dtype_names.update({v: k for k, v in _torch_dtypes.items()})
-        _torch = torch
+        _numpy_views.update({"float32": (numpy.dtype(numpy.float32), None),
+                             "float16": (numpy.dtype(numpy.float16), None),
+                             "bfloat16": (numpy.dtype(numpy.int16), torch.bfloat16)})
+        _numpy_names.update({numpy.dtype(numpy.float32): "float32", numpy.dtype(numpy.float16): "float16"})
+        _np_array, _torch = numpy.ndarray, torch
     return _torch_dtypes
 
 
@@ -194,6 +210,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
     """(meta, body): body is a zero-copy view of the tensor's bytes (keep `t` alive until sent)."""
+    try:  # a decode step's tensor (contiguous, on the CPU, float32 or float16, no grad): one torch call
+        arr = t.numpy()
+        body = memoryview(arr).cast("B")
+    except (TypeError, RuntimeError):  # bfloat16, grad, another device, not contiguous: the general path
+        return _encode_tensor(t)
+    name = _numpy_names.get(arr.dtype)
+    if name is None or arr.ndim == 0:
+        return _encode_tensor(t)  # which says what is wrong
+    return {"dtype": name, "shape": list(arr.shape)}, body
+
+
+def _encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
     name = dtype_name(t.dtype)
     if t.dim() == 0:
         raise WireError("0-dim tensors cannot be sent; reshape to [1]")
@@ -222,9 +250,10 @@ def decode_tensor(
     """
     if not isinstance(meta, dict):
         raise WireError("tensor meta must be an object with dtype and shape")
-    dtype = _dtypes().get(meta.get("dtype")) if isinstance(meta.get("dtype"), str) else None
+    name = meta.get("dtype")
+    dtype = _dtypes().get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise WireError(f"tensor dtype {meta.get('dtype')!r} is not allowed; allowed: {', '.join(WIRE_DTYPES)}")
+        raise WireError(f"tensor dtype {name!r} is not allowed; allowed: {', '.join(WIRE_DTYPES)}")
     shape = meta.get("shape")
     if not isinstance(shape, list) or not 1 <= len(shape) <= config.MAX_TENSOR_RANK:
         raise WireError(f"tensor shape must be a list of 1..{config.MAX_TENSOR_RANK} dims, got {shape!r}")
@@ -241,5 +270,9 @@ def decode_tensor(
     if view.nbytes != nbytes:
         raise WireError(f"tensor body is {view.nbytes} bytes, {meta['dtype']}{shape} needs {nbytes}")
     if view.readonly:
-        body = bytearray(view)  # torch.frombuffer warns on (and would alias) read-only memory
-    return _torch.frombuffer(body, dtype=dtype).view(shape)
+        body = bytearray(view)  # torch warns on (and would alias) read-only memory
+    # numpy's array over the buffer, then torch.from_numpy: half the cold-cache cost of
+    # torch.frombuffer(...).view(shape), and this runs once per frame on the decode path
+    np_dtype, as_torch = _numpy_views[name]
+    tensor = _torch.from_numpy(_np_array(shape, np_dtype, body))
+    return tensor if as_torch is None else tensor.view(as_torch)
