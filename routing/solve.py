@@ -10,7 +10,6 @@ from .dijkstra import dijkstra_route
 from .errors import RoutingError
 from .exact import exact_front, label_front
 from .graph import DEFAULT_RTT_S, HOP_OVERHEAD_S, ChainGraph
-from .nsga import SEED_KINDS, nsga2_front
 from .swarm import Route, Snapshot
 
 SOLVERS = ("exact", "nsga2", "dijkstra")
@@ -33,7 +32,7 @@ class SolveResult:
 def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, seed: int = 0,
           banned: frozenset[str] | set[str] = frozenset(), need_cache_tokens: int = 0,
           time_budget_s: float | None = 1.0, pop_size: int = 50, generations: int = 300,
-          objectives: tuple[str, ...] = ("latency", "throughput"), nsga_seeds: tuple[str, ...] = SEED_KINDS,
+          objectives: tuple[str, ...] = ("latency", "throughput"), nsga_seeds: tuple[str, ...] | None = None,
           nsga_options: dict | None = None,
           default_rtt_s: float = DEFAULT_RTT_S, hop_overhead_s: float = HOP_OVERHEAD_S,
           exact_weights: bool = False, relay: bool = True) -> SolveResult:
@@ -60,8 +59,11 @@ def solve(snap: Snapshot, solver: str = "exact", prefer: str = "balanced", *, se
     elif solver == "exact":
         front = exact_front(g) if len(objectives) == 2 else label_front(g, objectives)
     else:
+        from .nsga import SEED_KINDS, nsga2_front  # pymoo: 0.25 s of every start that never runs it (join, probe)
+
         front, run = nsga2_front(g, objectives=objectives, pop_size=pop_size, n_gen=generations,
-                                 time_budget_s=time_budget_s, seed=seed, seeds=nsga_seeds, **(nsga_options or {}))
+                                 time_budget_s=time_budget_s, seed=seed,
+                                 seeds=SEED_KINDS if nsga_seeds is None else nsga_seeds, **(nsga_options or {}))
         details.update(run)
     chosen, reason = choose(front, prefer)
     if solver == "dijkstra":
