@@ -214,21 +214,6 @@ class Attached:
         return cls(DirectOffer.parse(_expect(Error.raise_if(frame), MsgType.ATTACHED).get("direct")))
 
 
-# The per-token frames' headers, written as codec's JSON encoder would write them (a test holds them
-# to it): Frame.header_json says why.
-_STEP_JSON = b'{"seq":%d,"position":%d,"tensor":{"dtype":"%s","shape":[%d,%d,%d]}'
-_OUTPUT_JSON = b'{"seq":%d,"tensor":{"dtype":"%s","shape":[%d,%d,%d]}'
-
-
-def _tensor_json(template: bytes, ints: tuple[int, ...], meta: dict[str, Any], tail: bytes) -> bytes | None:
-    """`template` filled with `ints`, the tensor's dtype and its three dims, then `tail`; None for a
-    tensor of another rank (json writes that one)."""
-    shape = meta["shape"]
-    if len(shape) != 3:
-        return None
-    return template % (*ints, meta["dtype"].encode(), *shape) + tail
-
-
 @dataclass(frozen=True)
 class Step:
     """Hidden states [1, T, hidden] entering a span at `position`."""
@@ -244,8 +229,7 @@ class Step:
         header: dict[str, Any] = {"seq": self.seq, "position": self.position, "tensor": meta}
         if self.relay:
             header["relay"] = True
-        return Frame(MsgType.STEP, header, body, _tensor_json(_STEP_JSON, (self.seq, self.position), meta,
-                                                              b',"relay":true}' if self.relay else b"}"))
+        return Frame(MsgType.STEP, header, body)
 
     @classmethod
     def from_frame(cls, frame: Frame, hidden_size: int, max_tokens: int) -> Step:
@@ -273,10 +257,9 @@ class Output:
     def to_frame(self) -> Frame:
         meta, body = encode_tensor(self.hidden)
         header: dict[str, Any] = {"seq": self.seq, "tensor": meta}
-        if self.relay_failed is not None:  # free text: json encodes it
+        if self.relay_failed is not None:
             header["relay_failed"] = self.relay_failed[:MAX_ERROR_MESSAGE_CHARS]
-            return Frame(MsgType.OUTPUT, header, body)
-        return Frame(MsgType.OUTPUT, header, body, _tensor_json(_OUTPUT_JSON, (self.seq,), meta, b"}"))
+        return Frame(MsgType.OUTPUT, header, body)
 
     @classmethod
     def from_frame(cls, frame: Frame, hidden_size: int, tokens: int) -> Output:
