@@ -106,9 +106,10 @@ def encode_frame(frame: Frame) -> bytes:
     return b"".join((prefix, header, frame.body))
 
 
-# STEP's and OUTPUT's usual headers, byte for byte as _HEADER_ENCODER writes them (a test holds them to
-# it). These two frames cross every hop of every token, right after a span's compute has flushed the
-# caches: json's encoder costs ~30 us there, a template ~6.
+# STEP's and OUTPUT's usual headers (the keys Step and Output put in them, in their order), byte for
+# byte as _HEADER_ENCODER writes them: a test holds them to it. These two frames cross every hop of every
+# token, right after a span's compute has flushed the caches: json's encoder costs ~30 us there, a
+# template ~6.
 _STEP_HEADER = b'{"seq":%d,"position":%d,"tensor":{"dtype":"%s","shape":[%d,%d,%d]}'
 _OUTPUT_HEADER = b'{"seq":%d,"tensor":{"dtype":"%s","shape":[%d,%d,%d]}}'
 
@@ -197,7 +198,7 @@ _dtype_names: dict[torch.dtype, str] = {}
 # numpy array over the body, handed to torch (numpy has no bfloat16: its bytes go as int16, then a view)
 _numpy_views: dict[str, tuple[Any, Any]] = {}
 _np_array: Any = None  # numpy.ndarray, with torch
-_numpy_names: dict[Any, str] = {}  # numpy dtype -> wire name, where numpy has the dtype
+_numpy_names: dict[Any, str] = {}  # numpy dtype -> wire name, where numpy has the dtype (derived from the above)
 
 
 def _dtypes() -> dict[str, torch.dtype]:
@@ -212,7 +213,7 @@ def _dtypes() -> dict[str, torch.dtype]:
         _numpy_views.update({"float32": (numpy.dtype(numpy.float32), None),
                              "float16": (numpy.dtype(numpy.float16), None),
                              "bfloat16": (numpy.dtype(numpy.int16), torch.bfloat16)})
-        _numpy_names.update({numpy.dtype(numpy.float32): "float32", numpy.dtype(numpy.float16): "float16"})
+        _numpy_names.update({np_dtype: name for name, (np_dtype, view) in _numpy_views.items() if view is None})
         _np_array, _torch = numpy.ndarray, torch
     return _torch_dtypes
 
